@@ -1,0 +1,54 @@
+# meshgate: `make run` sets up and starts a local fleet + gateway; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+BIN := $(VENV)/bin
+PORT ?= 8080
+TRITON_PORT_BASE ?= 18000
+TRITON_COUNT ?= 2
+
+.PHONY: run test unit e2e bench build lint venv triton-venv clean
+
+venv: $(VENV)/.installed
+triton-venv: $(TRITON_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# The Triton python-backend stub runs models with this venv's packages: numpy<2 is
+# required by Triton 2.51's python backend (see ARCHITECTURE.md, "Running Triton here").
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2'
+	touch $@
+
+# Compiled fastpath in place (the editable install imports it from the source tree).
+build: venv
+	$(BIN)/python setup.py -q build_ext --inplace
+
+run: build triton-venv
+	$(BIN)/meshgate up --triton-count $(TRITON_COUNT) --triton-port-base $(TRITON_PORT_BASE) \
+		--port $(PORT) --model-repository model_repository
+
+test: build triton-venv
+	$(BIN)/python -m pytest tests -q
+
+unit: build
+	$(BIN)/python -m pytest tests/unit -q
+
+e2e: build triton-venv
+	$(BIN)/python -m pytest tests/e2e -q
+
+bench: build triton-venv
+	$(BIN)/python -m pytest bench -q --benchmark-only
+
+lint: venv
+	$(BIN)/ruff check gateway fastpath adapters tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf build fastpath/*.so fastpath/*.c fastpath/_*_c.py *.egg-info

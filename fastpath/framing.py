@@ -1,0 +1,53 @@
+"""KServe v2 binary bodies, Triton BYTES tensors and SSE events, on buffers.
+
+Uses the compiled ``fastpath._framing_c`` unless ``MESHGATE_NO_EXTENSIONS`` is set or
+it is not built, else the pure-Python twin; both stay reachable as ``framing_c``
+(None when not loaded) and ``framing_py`` so tests can exercise each.
+"""
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from fastpath import NO_EXTENSIONS
+from fastpath import _framing_py as framing_py
+
+framing_c: ModuleType | None
+try:
+    framing_c = None if NO_EXTENSIONS else importlib.import_module("fastpath._framing_c")
+except ImportError:
+    framing_c = None
+
+COMPILED: bool = framing_c is not None
+
+# Type checkers see the pure-Python twin; the compiled one has the same signatures.
+if TYPE_CHECKING or framing_c is None:
+    from fastpath._framing_py import (
+        build_infer_body,
+        deserialize_bytes_tensor,
+        serialize_bytes_tensor,
+        slice_binary_inputs,
+        split_infer_body,
+        sse_event,
+    )
+else:
+    from fastpath._framing_c import (
+        build_infer_body,
+        deserialize_bytes_tensor,
+        serialize_bytes_tensor,
+        slice_binary_inputs,
+        split_infer_body,
+        sse_event,
+    )
+
+__all__ = [
+    "COMPILED",
+    "build_infer_body",
+    "deserialize_bytes_tensor",
+    "framing_c",
+    "framing_py",
+    "serialize_bytes_tensor",
+    "slice_binary_inputs",
+    "split_infer_body",
+    "sse_event",
+]

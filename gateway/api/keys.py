@@ -1,0 +1,9 @@
+"""Typed keys for what the app shares with its handlers."""
+
+from aiohttp import web
+
+from ..config import GatewayConfig
+from ..fleet import Fleet
+
+CONFIG = web.AppKey("config", GatewayConfig)
+FLEET = web.AppKey("fleet", Fleet)

@@ -1,0 +1,150 @@
+"""`meshgate serve | triton | up`: the gateway, a local Triton fleet, or both."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from . import local_triton
+from .app import create_app
+from .config import ConfigError, GatewayConfig, load_config, parse_backends
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 8080)")
+    parser.add_argument(
+        "--discovery-interval",
+        type=float,
+        dest="discovery_interval_s",
+        help="seconds between fleet discovery passes (default 2)",
+    )
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        dest="request_timeout_s",
+        help="default per-request deadline in seconds",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayConfig:
+    config = load_config(args.config)
+    backends = parse_backends(backend_urls) if backend_urls else None
+    return config.with_overrides(
+        host=args.host,
+        port=args.port,
+        backends=backends,
+        discovery_interval_s=args.discovery_interval_s,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout_s,
+        log_level=args.log_level,
+    )
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    """Serve until SIGINT/SIGTERM on a uvloop event loop."""
+    if not config.backends:
+        raise ConfigError("no backends: pass --backend grpc://HOST:PORT or list them in --config")
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        loop=uvloop.new_event_loop(),
+        # A client that hangs up cancels its handler, and with it the upstream gRPC call.
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda msg: logging.getLogger("meshgate").info(
+            "gateway listening on http://%s:%d with %d backends",
+            config.host,
+            config.port,
+            len(config.backends),
+        ),
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    run_gateway(_serve_config(args, args.backend))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    fleet = local_triton.TritonFleet(
+        count=args.triton_count,
+        port_base=args.triton_port_base,
+        model_repository=args.model_repository,
+        log_dir=args.log_dir,
+    )
+    try:
+        fleet.start()
+    except local_triton.TritonLaunchError as exc:
+        print(f"meshgate up: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        urls = [f"grpc://{s.grpc_url}?metrics={s.metrics_url}" for s in fleet.servers]
+        config = _serve_config(args, urls)
+        for server in fleet.servers:
+            print(
+                f"triton: grpc {server.grpc_url} metrics {server.metrics_url} log {server.log_path}"
+            )
+        print(
+            f"try:\n  curl -N http://{config.host}:{config.port}/v2/models/tiny_lm/generate_stream "
+            '-d \'{"text_input": "We hold these truths", "max_tokens": 20, "stream": true}\'',
+            flush=True,
+        )
+        run_gateway(config)
+    finally:
+        fleet.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway in front of Triton servers")
+    serve.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        help="grpc://HOST:PORT[?metrics=URL][&id=NAME], repeatable",
+    )
+    _add_serve_arguments(serve)
+    serve.set_defaults(run=_cmd_serve)
+
+    triton = commands.add_parser("triton", help="start N local tritonserver processes")
+    local_triton.add_arguments(triton)
+    triton.set_defaults(run=local_triton.main)
+
+    up = commands.add_parser("up", help="start a local Triton fleet and the gateway in front of it")
+    up.add_argument("--triton-count", type=int, default=2)
+    up.add_argument("--triton-port-base", type=int, default=18000)
+    up.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    up.add_argument("--log-dir", type=Path, default=Path(".run/triton"))
+    _add_serve_arguments(up)
+    up.set_defaults(run=_cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"meshgate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""KServe v2 HTTP bodies to Triton gRPC wire bytes and back.
+
+Binary tensors are forwarded as they are: a tensor's bytes are sliced out of the
+HTTP body (no copy) and copied once, into the gRPC request, by ``grpc_wire``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from fastpath import framing, grpc_wire
+from fastpath.errors import FramingError
+
+from .errors import BadRequest
+from .fleet import ModelInfo
+from .tensors import check_datatype, check_shape, json_to_raw, raw_to_json, scalar_to_raw
+
+_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """A translated infer request: the gRPC bytes and how the client wants outputs."""
+
+    wire: bytes
+    request_id: str
+    binary_default: bool  # request-level binary_data_output
+    binary_outputs: Mapping[str, bool]  # per requested output: its binary_data flag
+
+
+def parse_json(buf: bytes | memoryview, what: str = "request") -> dict[str, Any]:
+    try:
+        value = orjson.loads(buf)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"failed to parse the {what} JSON buffer: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the {what} JSON must be an object, got {type(value).__name__}")
+    return value
+
+
+def decode_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """Split a KServe body into its JSON header and binary tail."""
+    if header_length is None:
+        return parse_json(body), memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise BadRequest(
+            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+        ) from None
+    try:
+        header, tail = framing.split_infer_body(body, length)
+    except FramingError as exc:
+        raise BadRequest(str(exc)) from None
+    return parse_json(header), tail
+
+
+def encode_infer(model: str, version: str, header: dict[str, Any], tail: memoryview) -> InferCall:
+    """Translate an infer request (JSON header + binary tail) into gRPC bytes."""
+    request_params = _params(header.get("parameters"), "request")
+    binary_default = bool(request_params.pop("binary_data_output", False))
+    inputs_json = header.get("inputs")
+    if not isinstance(inputs_json, list) or not inputs_json:
+        raise BadRequest("the request must have a non-empty 'inputs' array")
+
+    inputs: list[tuple[str, str, list[int], dict[str, Any] | None]] = []
+    raws: list[Any] = []
+    binary_sizes: list[int] = []
+    binary_slots: list[int] = []
+    for i, tensor in enumerate(inputs_json):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise BadRequest(f"inputs[{i}] must be an object with a string 'name'")
+        name = tensor["name"]
+        datatype = check_datatype(name, tensor.get("datatype"))
+        shape = check_shape(name, tensor.get("shape"))
+        params = _params(tensor.get("parameters"), f"input '{name}'")
+        _refuse_shared_memory(params, name)
+        size = params.pop("binary_data_size", None)
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            if "data" in tensor:
+                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+            binary_sizes.append(size)
+            binary_slots.append(i)
+            raws.append(None)
+        elif "data" in tensor:
+            raws.append(json_to_raw(name, datatype, shape, tensor["data"]))
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append((name, datatype, shape, params or None))
+
+    try:
+        slices = framing.slice_binary_inputs(tail, binary_sizes)
+    except FramingError as exc:
+        raise BadRequest(str(exc)) from None
+    for slot, piece in zip(binary_slots, slices, strict=True):
+        raws[slot] = piece
+
+    outputs, binary_outputs = _requested_outputs(header.get("outputs"))
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    try:
+        wire = grpc_wire.encode_infer_request(
+            model, version, request_id, request_params or None, inputs, outputs, raws
+        )
+    except FramingError as exc:
+        raise BadRequest(str(exc)) from None
+    return InferCall(wire, request_id, binary_default, binary_outputs)
+
+
+def encode_infer_response(response: Any, call: InferCall) -> tuple[bytes, int | None]:
+    """HTTP body for a decoded ModelInferResponse; second value is the
+    Inference-Header-Content-Length when the body carries binary outputs."""
+    outputs_json = []
+    tails = []
+    for (name, datatype, shape, params), raw in zip(
+        response.outputs, response.raw_outputs, strict=True
+    ):
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        out_params = dict(params) if params else {}
+        if call.binary_outputs.get(name, call.binary_default):
+            out_params["binary_data_size"] = len(raw)
+            tails.append(raw)
+        else:
+            entry["data"] = raw_to_json(datatype, raw)
+        if out_params:
+            entry["parameters"] = out_params
+        outputs_json.append(entry)
+    body: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        body["id"] = response.id
+    if response.parameters:
+        body["parameters"] = response.parameters
+    body["outputs"] = outputs_json
+    header = orjson.dumps(body)
+    if not tails:
+        return header, None
+    return framing.build_infer_body(header, tails), len(header)
+
+
+def encode_generate(model: str, info: ModelInfo, body: dict[str, Any], stream: bool) -> bytes:
+    """Triton's generate extension: fields named like model inputs become tensors
+    (top level or inside "parameters"); the rest become request parameters."""
+    fields = dict(body)
+    nested = fields.pop("parameters", None)
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise BadRequest("'parameters' must be an object")
+        fields.update(nested)
+    request_id = fields.pop("id", "")
+    if not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    missing = [n for n, spec in info.inputs.items() if not spec.optional and n not in fields]
+    if missing:
+        raise BadRequest(f"generate request for '{model}' is missing required input(s) {missing}")
+    inputs = []
+    raws = []
+    params: dict[str, Any] = {}
+    for name, value in fields.items():
+        spec = info.inputs.get(name)
+        if spec is None:
+            params[name] = _param_value(name, value, "generate request")
+            continue
+        shape, raw = scalar_to_raw(name, spec.datatype, value)
+        if info.max_batch_size > 0:
+            shape = [1, *shape]
+        inputs.append((name, spec.datatype, shape, None))
+        raws.append(raw)
+    try:
+        return grpc_wire.encode_infer_request(
+            model, info.version, request_id, params or None, inputs, [], raws
+        )
+    except FramingError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def generate_response_json(response: Any) -> dict[str, Any]:
+    """One generate response object: each output by name, scalars unwrapped."""
+    body: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    for (name, datatype, _shape, _params), raw in zip(
+        response.outputs, response.raw_outputs, strict=True
+    ):
+        values = raw_to_json(datatype, raw)
+        body[name] = values[0] if len(values) == 1 else values
+    return body
+
+
+def _requested_outputs(
+    outputs_json: Any,
+) -> tuple[list[tuple[str, dict[str, Any] | None]], dict[str, bool]]:
+    if outputs_json is None:
+        return [], {}
+    if not isinstance(outputs_json, list):
+        raise BadRequest("'outputs' must be an array")
+    outputs: list[tuple[str, dict[str, Any] | None]] = []
+    binary: dict[str, bool] = {}
+    for i, tensor in enumerate(outputs_json):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
+        name = tensor["name"]
+        params = _params(tensor.get("parameters"), f"output '{name}'")
+        _refuse_shared_memory(params, name)
+        if "binary_data" in params:
+            binary[name] = bool(params.pop("binary_data"))
+        outputs.append((name, params or None))
+    return outputs, binary
+
+
+def _params(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    return {k: _param_value(k, v, where) for k, v in value.items()}
+
+
+def _param_value(name: str, value: Any, where: str) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise BadRequest(f"{where}: parameter '{name}' must be a string, number or boolean")
+
+
+def _refuse_shared_memory(params: dict[str, Any], name: str) -> None:
+    if any(p in params for p in _SHARED_MEMORY_PARAMS):
+        raise BadRequest(f"'{name}': shared-memory tensors cannot cross the gateway; send the data")

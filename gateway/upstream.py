@@ -1,0 +1,84 @@
+"""Triton gRPC calls. Hot-path calls move wire bytes (no protobuf objects): the request
+is built by ``fastpath.grpc_wire`` and the response parsed by it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from .errors import GatewayError, GatewayTimeout, UpstreamError
+
+_SERVICE = "/inference.GRPCInferenceService/"
+
+# Triton's own HTTP mapping of its error codes (http_server.cc), by the gRPC code it uses.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+Metadata = Sequence[tuple[str, str]]
+
+
+def upstream_error(exc: grpc.aio.AioRpcError) -> GatewayError:
+    """The gateway error a failed Triton call becomes, with Triton's message."""
+    code = exc.code()
+    message = exc.details() or code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayTimeout(f"upstream deadline exceeded: {message}")
+    return UpstreamError(message, _HTTP_STATUS.get(code, 500))
+
+
+def is_connection_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """True when the call never reached a serving Triton (safe to retry elsewhere)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class TritonChannel:
+    """One gRPC channel to one Triton server.
+
+    ``infer``/``stream`` take and return serialized protobuf bytes; ``control`` is
+    Triton's generated stub for the (cold) metadata, health and repository calls.
+    """
+
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                # A restarted Triton must be found again quickly, not after grpc's 120 s cap.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
+        )
+        self.control = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        # No serializers: grpc sends our bytes as they are and hands back raw bytes.
+        self._infer = self.channel.unary_unary(_SERVICE + "ModelInfer")
+        self._stream = self.channel.stream_stream(_SERVICE + "ModelStreamInfer")
+
+    async def infer(self, request: bytes, timeout: float, metadata: Metadata = ()) -> bytes:
+        response: bytes = await self._infer(request, timeout=timeout, metadata=metadata or None)
+        return response
+
+    def stream(
+        self, request: bytes, timeout: float, metadata: Metadata = ()
+    ) -> grpc.aio.StreamStreamCall:
+        """Open ModelStreamInfer with one request; Triton ends the stream after its
+        last response because the request side is closed right after it."""
+        return self._stream(iter((request,)), timeout=timeout, metadata=metadata or None)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)

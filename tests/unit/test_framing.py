@@ -1,0 +1,254 @@
+"""fastpath.framing: both twins, against tritonclient's BYTES codec and each other."""
+
+import importlib.machinery
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonclient.utils import deserialize_bytes_tensor as triton_deserialize
+from tritonclient.utils import serialize_byte_tensor as triton_serialize
+
+from fastpath import NO_EXTENSIONS, framing
+from fastpath.errors import FramingError
+
+IMPLS = [
+    pytest.param(framing.framing_py, id="py"),
+    pytest.param(
+        framing.framing_c,
+        id="c",
+        marks=pytest.mark.skipif(framing.framing_c is None, reason="compiled framing not loaded"),
+    ),
+]
+
+elements = st.lists(st.binary(max_size=20) | st.text(max_size=10), max_size=30)
+
+
+@pytest.fixture(params=IMPLS, scope="module")
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    return request.param
+
+
+def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """("ok", value with views as bytes) or ("error", message): comparable across twins."""
+    try:
+        value = fn(*args)
+    except FramingError as exc:
+        return "error", str(exc)
+    if isinstance(value, (list, tuple)):
+        value = [bytes(v) if isinstance(v, memoryview) else v for v in value]
+    return "ok", value
+
+
+def both(name: str, *args: Any) -> tuple[str, Any]:
+    """Outcome of ``name`` in every loaded twin, asserting they agree."""
+    results = [
+        outcome(getattr(m, name), *args) for m in (framing.framing_py, framing.framing_c) if m
+    ]
+    assert all(r == results[0] for r in results), results
+    return results[0]
+
+
+def test_c_framing_loaded() -> None:
+    if NO_EXTENSIONS:
+        pytest.skip("MESHGATE_NO_EXTENSIONS=1: the pure-Python twin is expected")
+    assert framing.COMPILED
+    assert framing.framing_c is not None
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    assert str(framing.framing_c.__file__).endswith(suffixes)
+    assert framing.serialize_bytes_tensor is framing.framing_c.serialize_bytes_tensor
+
+
+def test_py_framing_selected_without_extensions() -> None:
+    if not NO_EXTENSIONS:
+        pytest.skip("extensions enabled")
+    assert not framing.COMPILED
+    assert framing.framing_c is None
+    assert framing.serialize_bytes_tensor is framing.framing_py.serialize_bytes_tensor
+
+
+# ---------------------------------------------------------------------------- BYTES tensors
+
+
+@settings(max_examples=300)
+@given(items=elements)
+def test_bytes_round_trip_matches_tritonclient(impl: ModuleType, items: list[bytes | str]) -> None:
+    encoded = impl.serialize_bytes_tensor(items)
+    reference = triton_serialize(np.array(items, dtype=np.object_).reshape(-1))
+    assert encoded == (reference.item() if reference.size else b"")
+    decoded = impl.deserialize_bytes_tensor(encoded)
+    assert decoded == [i.encode() if isinstance(i, str) else i for i in items]
+    assert decoded == list(triton_deserialize(encoded))
+
+
+def test_bytes_tensor_edge_elements(impl: ModuleType) -> None:
+    items = [b"", "", "\x00", b"\x00\xff", "héllo ✓", "𝄞"]
+    encoded = impl.serialize_bytes_tensor(items)
+    assert encoded[:8] == b"\x00\x00\x00\x00\x00\x00\x00\x00"
+    assert impl.deserialize_bytes_tensor(encoded) == [
+        b"",
+        b"",
+        b"\x00",
+        b"\x00\xff",
+        "héllo ✓".encode(),
+        "𝄞".encode(),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["a", 3], "BYTES element 1 must be bytes or str, found int"),
+        ([None], "BYTES element 0 must be bytes or str, found NoneType"),
+        (["ok", "\ud800"], "BYTES element 1 is a str that is not encodable as UTF-8"),
+    ],
+)
+def test_serialize_rejects_bad_elements(impl: ModuleType, items: list[Any], message: str) -> None:
+    with pytest.raises(FramingError, match=message):
+        impl.serialize_bytes_tensor(items)
+
+
+@settings(max_examples=200)
+@given(items=st.lists(st.binary(max_size=12), min_size=1, max_size=10), data=st.data())
+def test_deserialize_truncation_fails_unless_at_element_boundary(
+    items: list[bytes], data: st.DataObject
+) -> None:
+    encoded = framing.framing_py.serialize_bytes_tensor(items)
+    boundaries = {0}
+    for item in items:
+        boundaries.add(max(boundaries) + 4 + len(item))
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    kind, value = both("deserialize_bytes_tensor", encoded[:cut])
+    if cut in boundaries:
+        assert (kind, value) == ("ok", items[: sorted(boundaries).index(cut)])
+    else:
+        assert kind == "error"
+
+
+@settings(max_examples=200)
+@given(items=st.lists(st.binary(max_size=12), min_size=1, max_size=10), data=st.data())
+def test_deserialize_rejects_lying_length(items: list[bytes], data: st.DataObject) -> None:
+    encoded = bytearray(framing.framing_py.serialize_bytes_tensor(items))
+    index = data.draw(st.integers(0, len(items) - 1))
+    offset = sum(4 + len(i) for i in items[:index])
+    remaining = len(encoded) - offset - 4
+    encoded[offset : offset + 4] = data.draw(st.integers(remaining + 1, 2**32 - 1)).to_bytes(
+        4, "little"
+    )
+    kind, message = both("deserialize_bytes_tensor", bytes(encoded))
+    assert kind == "error"
+    assert f"BYTES element {index} at offset {offset} declares" in message
+
+
+@settings(max_examples=500)
+@given(blob=st.binary(max_size=64))
+def test_deserialize_arbitrary_bytes(blob: bytes) -> None:
+    kind, value = both("deserialize_bytes_tensor", blob)
+    if kind == "ok":
+        assert framing.framing_py.serialize_bytes_tensor(value) == blob
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [bytes, bytearray, memoryview, lambda b: np.frombuffer(b, dtype=np.uint8)],
+    ids=["bytes", "bytearray", "memoryview", "ndarray"],
+)
+def test_deserialize_accepts_buffers(impl: ModuleType, wrap: Callable[[bytes], Any]) -> None:
+    encoded = impl.serialize_bytes_tensor(["ab", b"", "c"])
+    assert impl.deserialize_bytes_tensor(wrap(encoded)) == [b"ab", b"", b"c"]
+
+
+# ---------------------------------------------------------------------------- binary bodies
+
+
+@settings(max_examples=300)
+@given(
+    body=st.binary(max_size=40), header_length=st.integers(-(2**70), 2**70) | st.integers(-2, 45)
+)
+def test_split_infer_body(body: bytes, header_length: int) -> None:
+    kind, value = both("split_infer_body", body, header_length)
+    if 0 <= header_length <= len(body):
+        assert (kind, value) == ("ok", [body[:header_length], body[header_length:]])
+    else:
+        assert kind == "error"
+        assert "Inference-Header-Content-Length" in value
+
+
+def test_split_infer_body_message_and_zero_copy(impl: ModuleType) -> None:
+    body = b"x" * 120
+    with pytest.raises(
+        FramingError, match="Inference-Header-Content-Length 5000 exceeds body length 120"
+    ):
+        impl.split_infer_body(body, 5000)
+    header, tail = impl.split_infer_body(body, 20)
+    assert header.obj is body and tail.obj is body
+
+
+@settings(max_examples=300)
+@given(
+    tail=st.binary(max_size=40), sizes=st.lists(st.integers(-3, 45) | st.just(2**80), max_size=5)
+)
+def test_slice_binary_inputs(tail: bytes, sizes: list[int]) -> None:
+    kind, value = both("slice_binary_inputs", tail, sizes)
+    if all(s >= 0 for s in sizes) and sum(sizes) == len(tail):
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        assert (kind, value) == (
+            "ok",
+            [tail[o : o + s] for o, s in zip(offsets, sizes, strict=True)],
+        )
+    else:
+        assert kind == "error"
+        assert "input" in value
+
+
+def test_slice_binary_inputs_names_the_input(impl: ModuleType) -> None:
+    with pytest.raises(FramingError, match="binary_data_size of input 1 is 10 but only 2 bytes"):
+        impl.slice_binary_inputs(b"abcd", [2, 10])
+    with pytest.raises(FramingError, match=r"2 bytes after the last input \(input 1\)"):
+        impl.slice_binary_inputs(b"abcdef", [2, 2])
+    with pytest.raises(FramingError, match="binary_data_size of input 0 must be >= 0"):
+        impl.slice_binary_inputs(b"", [-1])
+    floats = np.arange(4, dtype=np.float32)
+    views = impl.slice_binary_inputs(floats.data, [4, 12])
+    assert [bytes(v) for v in views] == [floats.tobytes()[:4], floats.tobytes()[4:]]
+    assert all(v.obj is floats for v in views)
+
+
+def test_build_infer_body(impl: ModuleType) -> None:
+    tensor = np.arange(3, dtype=np.float32)
+    body = impl.build_infer_body(
+        b'{"outputs":[]}', [tensor, b"", bytearray(b"xy"), memoryview(b"z")]
+    )
+    assert body == b'{"outputs":[]}' + tensor.tobytes() + b"xyz"
+    assert impl.build_infer_body(b"{}", []) == b"{}"
+
+
+# ---------------------------------------------------------------------------- SSE
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=30), event=st.none() | st.binary(max_size=10))
+def test_sse_event(data: bytes, event: bytes | None) -> None:
+    kind, value = both("sse_event", data, event)
+    if any(c in (event or b"") + data for c in b"\r\n"):
+        assert kind == "error"
+    else:
+        expected = (
+            (b"" if event is None else b"event: " + event + b"\n") + b"data: " + data + b"\n\n"
+        )
+        assert (kind, value) == ("ok", expected)
+
+
+def test_sse_event_names_first_line_break(impl: ModuleType) -> None:
+    with pytest.raises(
+        FramingError, match=r"SSE data must be a single line, found b'\\r' at offset 3"
+    ):
+        impl.sse_event(b'{"a\r\n')
+    with pytest.raises(
+        FramingError, match=r"SSE event must be a single line, found b'\\n' at offset 1"
+    ):
+        impl.sse_event(b"{}", b"x\ny")
+    assert impl.sse_event(memoryview(b'{"t":1}'), b"token") == b'event: token\ndata: {"t":1}\n\n'
