@@ -11,16 +11,12 @@ from aiohttp import web
 from .api import kserve
 from .api.keys import CONFIG, FLEET
 from .config import GatewayConfig
-from .errors import GatewayError
+from .errors import GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
 
 log = logging.getLogger("meshgate.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error_response(status: int, message: str, error_type: str) -> web.Response:
-    return web.json_response({"error": message, "type": error_type}, status=status)
 
 
 @web.middleware
@@ -29,31 +25,33 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except GatewayError as exc:
-        return web.Response(
-            status=exc.status,
-            body=exc.body(),
-            content_type="application/json",
-            headers=exc.headers(),
-        )
+        return error_response(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_response(
-            exc.status, exc.reason, _HTTP_ERROR_TYPES.get(exc.status, "http_error")
-        )
+        return error_response(request, _from_http_exception(exc))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(500, "internal gateway error", "internal_error")
+        return error_response(request, GatewayError("internal gateway error"))
 
 
-_HTTP_ERROR_TYPES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    400: "invalid_request",
-}
+def error_response(request: web.Request, exc: GatewayError) -> web.Response:
+    """The JSON error in the dialect of the surface that was called."""
+    body = exc.openai_body() if request.path.startswith("/v1/") else exc.body()
+    return web.Response(
+        status=exc.status, body=body, content_type="application/json", headers=exc.headers()
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    # aiohttp raises these itself (no route, wrong method, body over client_max_size).
+    if exc.status == 413:
+        return PayloadTooLarge(exc.text or exc.reason)
+    if exc.status == 404:
+        return NotFound(f"no route for {exc.reason.lower()}")
+    return StatusError(exc.reason, exc.status)
 
 
 def create_app(config: GatewayConfig) -> web.Application:

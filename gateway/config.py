@@ -39,6 +39,18 @@ class BackendSpec:
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """Per-model options from the config file's ``[models.NAME]`` tables."""
+
+    # How OpenAI requests become Triton tensors: "triton-llm", "vllm", or None to detect.
+    profile: str | None = None
+    # A Jinja chat template file (Hugging Face ``chat_template`` style); None: the default.
+    chat_template: Path | None = None
+    # Routing policy name; None: the gateway's default policy.
+    policy: str | None = None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -49,10 +61,17 @@ class GatewayConfig:
     # Default per-request deadline, propagated to Triton as the gRPC deadline.
     request_timeout_s: float = 600.0
     log_level: str = "INFO"
+    models: dict[str, ModelSettings] = field(default_factory=dict)
+
+    def model_settings(self, model: str) -> ModelSettings:
+        return self.models.get(model, _DEFAULT_MODEL_SETTINGS)
 
     def with_overrides(self, **values: Any) -> GatewayConfig:
         """A copy with every non-None value replaced."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+_DEFAULT_MODEL_SETTINGS = ModelSettings()
 
 
 def parse_backends(urls: list[str]) -> tuple[BackendSpec, ...]:
@@ -75,8 +94,24 @@ def load_config(path: Path | None) -> GatewayConfig:
     backends = parse_backends(
         [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])]
     )
-    known = set(GatewayConfig.__dataclass_fields__) - {"backends"}
+    known = set(GatewayConfig.__dataclass_fields__) - {"backends", "models"}
     unknown = set(gateway) - known
     if unknown:
         raise ConfigError(f"config {path}: unknown [gateway] keys {sorted(unknown)}")
-    return GatewayConfig(backends=backends, **gateway)
+    models = {
+        name: _model_settings(path, name, table) for name, table in data.get("models", {}).items()
+    }
+    return GatewayConfig(backends=backends, models=models, **gateway)
+
+
+def _model_settings(path: Path, name: str, table: dict[str, Any]) -> ModelSettings:
+    unknown = set(table) - set(ModelSettings.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown [models.{name}] keys {sorted(unknown)}")
+    template = table.get("chat_template")
+    return ModelSettings(
+        profile=table.get("profile"),
+        # Relative template paths are relative to the config file.
+        chat_template=(path.parent / template) if template else None,
+        policy=table.get("policy"),
+    )

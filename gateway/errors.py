@@ -1,7 +1,9 @@
 """One exception tree for the gateway; each error knows its HTTP status and JSON body.
 
-Bodies follow Triton's shape, ``{"error": "<message>"}``, plus a stable ``type`` so
-clients can branch without parsing messages. No traceback ever reaches a client.
+On Triton's surface (/v2) bodies follow Triton's shape, ``{"error": "<message>"}``,
+plus a stable ``type`` so clients can branch without parsing messages. On the OpenAI
+surface (/v1) they follow OpenAI's, ``{"error": {"message", "type", "param", "code"}}``.
+No traceback ever reaches a client.
 """
 
 from __future__ import annotations
@@ -20,8 +22,21 @@ class GatewayError(Exception):
         self.message = message
         self.retry_after = retry_after
 
+    # OpenAI's error type for this status; its clients map statuses to exception classes.
+    openai_type: str = "server_error"
+    param: str | None = None
+
     def body(self) -> bytes:
         return orjson.dumps({"error": self.message, "type": self.type})
+
+    def openai_body(self) -> bytes:
+        error = {
+            "message": self.message,
+            "type": self.openai_type,
+            "param": self.param,
+            "code": self.type,
+        }
+        return orjson.dumps({"error": error})
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -32,21 +47,29 @@ class GatewayError(Exception):
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request"
+    openai_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class NotFound(GatewayError):
     status = 404
     type = "not_found"
+    openai_type = "invalid_request_error"
 
 
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "payload_too_large"
+    openai_type = "invalid_request_error"
 
 
 class Overloaded(GatewayError):
     status = 429
     type = "overloaded"
+    openai_type = "rate_limit_exceeded"
 
 
 class Unavailable(GatewayError):
@@ -56,14 +79,22 @@ class Unavailable(GatewayError):
     type = "unavailable"
 
 
-class UpstreamError(GatewayError):
-    """Triton answered with an error; status follows the gRPC code."""
+class StatusError(GatewayError):
+    """An error whose status is decided where it happens (a protocol-level refusal)."""
 
-    type = "upstream_error"
+    type = "http_error"
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+        if 400 <= status < 500:
+            self.openai_type = "invalid_request_error"
+
+
+class UpstreamError(StatusError):
+    """Triton answered with an error; status follows the gRPC code."""
+
+    type = "upstream_error"
 
 
 class GatewayTimeout(GatewayError):

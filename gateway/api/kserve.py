@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -11,19 +11,17 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2 as pb
 
 from fastpath import grpc_wire
-from fastpath.errors import FramingError
 
 from .. import kserve_codec as codec
 from .. import sse
-from ..config import GatewayConfig
 from ..errors import BadRequest, GatewayError, UpstreamError
 from ..fleet import Backend, Fleet
+from ..forward import decode_reply, request_timeout_s, stream_replies, with_failover
 from ..protojson import message_to_dict
 from ..upstream import is_connection_failure, upstream_error
-from .keys import CONFIG, FLEET
+from .keys import FLEET
 
 T = TypeVar("T")
-_TIMEOUT_HEADER = "x-meshgate-timeout-ms"
 _JSON = "application/json"
 
 
@@ -51,33 +49,6 @@ def _dumps(value: Any) -> str:
 
 def _target(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
-
-
-def _timeout_s(request: web.Request) -> float:
-    config: GatewayConfig = request.app[CONFIG]
-    raw = request.headers.get(_TIMEOUT_HEADER)
-    if raw is None:
-        return config.request_timeout_s
-    try:
-        millis = int(raw)
-    except ValueError:
-        raise BadRequest(f"{_TIMEOUT_HEADER} must be an integer, got {raw!r}") from None
-    if millis <= 0:
-        raise BadRequest(f"{_TIMEOUT_HEADER} must be positive, got {millis}")
-    return millis / 1000.0
-
-
-async def _with_failover(backends: list[Backend], call: Callable[[Backend], Awaitable[T]]) -> T:
-    """Run ``call`` on the first backend; if it could not be reached, once on the next.
-    Only safe before anything was sent to the client."""
-    for attempt, backend in enumerate(backends):
-        try:
-            return await call(backend)
-        except grpc.aio.AioRpcError as exc:
-            retry = attempt == 0 and len(backends) > 1 and is_connection_failure(exc)
-            if not retry:
-                raise upstream_error(exc) from None
-    raise AssertionError("unreachable: the loop returns or raises")
 
 
 # -- health and metadata ---------------------------------------------------------------
@@ -112,7 +83,7 @@ async def repository_index(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     model, version = _target(request)
     backends = request.app[FLEET].route(model, version)
-    reply = await _with_failover(
+    reply = await with_failover(
         backends,
         lambda b: b.channel.control.ModelMetadata(
             pb.ModelMetadataRequest(name=model, version=version), timeout=5
@@ -124,7 +95,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_config(request: web.Request) -> web.Response:
     model, version = _target(request)
     backends = request.app[FLEET].route(model, version)
-    reply = await _with_failover(
+    reply = await with_failover(
         backends,
         lambda b: b.channel.control.ModelConfig(
             pb.ModelConfigRequest(name=model, version=version), timeout=5
@@ -162,10 +133,10 @@ async def infer(request: web.Request) -> web.Response:
         body, request.headers.get("Inference-Header-Content-Length")
     )
     call = codec.encode_infer(model, version, header, tail)
-    timeout = _timeout_s(request)
-    reply = await _with_failover(backends, lambda b: b.channel.infer(call.wire, timeout))
+    timeout = request_timeout_s(request)
+    reply = await with_failover(backends, lambda b: b.channel.infer(call.wire, timeout))
     out, header_length = codec.encode_infer_response(
-        _decode(grpc_wire.decode_infer_response, reply), call
+        decode_reply(grpc_wire.decode_infer_response, reply), call
     )
     if header_length is None:
         return web.Response(body=out, content_type=_JSON)
@@ -174,13 +145,6 @@ async def infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_length)},
     )
-
-
-def _decode(decoder: Callable[[bytes], T], reply: bytes) -> T:
-    try:
-        return decoder(reply)
-    except FramingError as exc:
-        raise UpstreamError(f"malformed response from Triton: {exc}", 502) from None
 
 
 async def _generate_setup(
@@ -198,49 +162,32 @@ async def _generate_setup(
     return backends, wire_for, fleet.model_info(backends[0], model, version).decoupled
 
 
-async def _stream_replies(
-    backend: Backend, wire: bytes, timeout: float
-) -> AsyncGenerator[Any, None]:
-    """Decoded responses of one ModelStreamInfer call; cancels the call when the
-    consumer stops early (client hung up, error), so Triton stops generating."""
-    call = backend.channel.stream(wire, timeout)
-    try:
-        async for message in call:
-            error, reply = _decode(grpc_wire.decode_stream_response, message)
-            if error:
-                raise UpstreamError(error, 400)
-            if reply is not None and reply.outputs:
-                yield reply
-    finally:
-        call.cancel()
-
-
 async def generate(request: web.Request) -> web.Response:
     backends, wire_for, decoupled = await _generate_setup(request)
-    timeout = _timeout_s(request)
+    timeout = request_timeout_s(request)
 
     async def one_reply(backend: Backend) -> Any:
         wire = wire_for(backend)
         if not decoupled:
-            return _decode(
+            return decode_reply(
                 grpc_wire.decode_infer_response, await backend.channel.infer(wire, timeout)
             )
-        replies = [r async for r in _stream_replies(backend, wire, timeout)]
+        replies = [r async for r in stream_replies(backend, wire, timeout)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
             )
         return replies[0]
 
-    return _json(codec.generate_response_json(await _with_failover(backends, one_reply)))
+    return _json(codec.generate_response_json(await with_failover(backends, one_reply)))
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     backends, wire_for, _ = await _generate_setup(request)
-    timeout = _timeout_s(request)
+    timeout = request_timeout_s(request)
     response: web.StreamResponse | None = None
     for attempt, backend in enumerate(backends):
-        replies = _stream_replies(backend, wire_for(backend), timeout)
+        replies = stream_replies(backend, wire_for(backend), timeout)
         try:
             async for reply in replies:
                 if response is None:

@@ -1,0 +1,74 @@
+"""Forwarding to the fleet, shared by every API surface: deadlines, failover before the
+first byte, and decoded streaming replies that cancel the gRPC call when abandoned."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+
+from fastpath import grpc_wire
+from fastpath.errors import FramingError
+
+from .api.keys import CONFIG
+from .config import GatewayConfig
+from .errors import BadRequest, UpstreamError
+from .fleet import Backend
+from .upstream import is_connection_failure, upstream_error
+
+T = TypeVar("T")
+TIMEOUT_HEADER = "x-meshgate-timeout-ms"
+
+
+def request_timeout_s(request: web.Request) -> float:
+    """The request's deadline in seconds: its header, else the configured default."""
+    config: GatewayConfig = request.app[CONFIG]
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return config.request_timeout_s
+    try:
+        millis = int(raw)
+    except ValueError:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be an integer, got {raw!r}") from None
+    if millis <= 0:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be positive, got {millis}")
+    return millis / 1000.0
+
+
+async def with_failover(backends: list[Backend], call: Callable[[Backend], Awaitable[T]]) -> T:
+    """Run ``call`` on the first backend; if it could not be reached, once on the next.
+    Only safe before anything was sent to the client."""
+    for attempt, backend in enumerate(backends):
+        try:
+            return await call(backend)
+        except grpc.aio.AioRpcError as exc:
+            retry = attempt == 0 and len(backends) > 1 and is_connection_failure(exc)
+            if not retry:
+                raise upstream_error(exc) from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def decode_reply(decoder: Callable[[bytes], T], reply: bytes) -> T:
+    try:
+        return decoder(reply)
+    except FramingError as exc:
+        raise UpstreamError(f"malformed response from Triton: {exc}", 502) from None
+
+
+async def stream_replies(
+    backend: Backend, wire: bytes, timeout: float
+) -> AsyncGenerator[Any, None]:
+    """Decoded responses of one ModelStreamInfer call; cancels the call when the
+    consumer stops early (client hung up, error), so Triton stops generating."""
+    call = backend.channel.stream(wire, timeout)
+    try:
+        async for message in call:
+            error, reply = decode_reply(grpc_wire.decode_stream_response, message)
+            if error:
+                raise UpstreamError(error, 400)
+            if reply is not None and reply.outputs:
+                yield reply
+    finally:
+        call.cancel()
