@@ -7,6 +7,7 @@ The fleet is 2 `tritonserver` processes on `model_repository/`; the gateway is
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.local_triton import TritonFleet
+from gateway.local_triton import TritonFleet, TritonServer
 from tests.conftest import free_port, free_port_base
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,16 @@ def http_status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def triton_metric(server: TritonServer, name: str, model: str) -> float:
+    """One model's sample of a metric, read from the server's metrics port."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    pattern = rf'^{name}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$'
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, f"{name} for {model} not on {server.metrics_url}"
+    return float(found.group(1))
 
 
 def start_gateway(backends: list[str], log_path: Path, *extra: str) -> Gateway:

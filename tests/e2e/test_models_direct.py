@@ -9,7 +9,6 @@ from __future__ import annotations
 import queue
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
+from tests.e2e.conftest import triton_metric
 
 pytestmark = pytest.mark.e2e
 
@@ -54,16 +54,6 @@ def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     yield client
     client.close()
-
-
-def metric(server: TritonServer, name: str, model: str) -> float:
-    """One model's sample of a metric, read from the server's metrics port."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
-        text = reply.read().decode()
-    pattern = rf'^{name}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$'
-    found = re.search(pattern, text, re.MULTILINE)
-    assert found, f"{name} for {model} not on {server.metrics_url}"
-    return float(found.group(1))
 
 
 # --- tiny_lm -------------------------------------------------------------------------
@@ -228,10 +218,10 @@ def test_cancellation_stops_generation(server: TritonServer, client) -> None:
         assert error is None
     client.stop_stream(cancel_requests=True)
     time.sleep(0.1)
-    after_cancel = metric(server, TOKENS_METRIC, "tiny_lm")
+    after_cancel = triton_metric(server, TOKENS_METRIC, "tiny_lm")
     time.sleep(0.3)
     # At 5 ms per token an uncancelled request would add ~60 tokens in these 0.3 s.
-    assert metric(server, TOKENS_METRIC, "tiny_lm") == after_cancel
+    assert triton_metric(server, TOKENS_METRIC, "tiny_lm") == after_cancel
     # The model serves the next request.
     assert generate(client, "Congress", max_tokens=3)[-1].completion_tokens == 3
 
@@ -257,7 +247,7 @@ def test_concurrent_requests_queue_and_every_token_is_counted(
     server: TritonServer, client
 ) -> None:
     requests, max_tokens = 4, 60
-    tokens_before = metric(server, TOKENS_METRIC, "tiny_lm")
+    tokens_before = triton_metric(server, TOKENS_METRIC, "tiny_lm")
     peak_pending = 0.0
 
     def one_request(_: int) -> list[Chunk]:
@@ -271,14 +261,14 @@ def test_concurrent_requests_queue_and_every_token_is_counted(
         futures = [pool.submit(one_request, i) for i in range(requests)]
         deadline = time.monotonic() + 20
         while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            peak_pending = max(peak_pending, metric(server, PENDING_METRIC, "tiny_lm"))
+            peak_pending = max(peak_pending, triton_metric(server, PENDING_METRIC, "tiny_lm"))
             time.sleep(0.02)
         results = [f.result() for f in futures]
 
     # One instance generates one sequence at a time: the others wait in Triton's queue.
     assert peak_pending > 0
     assert all(chunks[-1].completion_tokens == max_tokens for chunks in results)
-    assert metric(server, TOKENS_METRIC, "tiny_lm") - tokens_before == requests * max_tokens
+    assert triton_metric(server, TOKENS_METRIC, "tiny_lm") - tokens_before == requests * max_tokens
 
 
 # --- embed -----------------------------------------------------------------------------
