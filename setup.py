@@ -22,6 +22,12 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _copy_if_changed(source: Path, target: Path) -> None:
+    # An unchanged timestamp lets Cython skip regenerating C that is already current.
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, target)
+
+
 def _extension_sources() -> list[tuple[str, str]]:
     """(module name, source path) of every compiled fastpath module."""
     sources = [(f"fastpath.{p.stem}", str(p.relative_to(HERE))) for p in FASTPATH.glob("*.pyx")]
@@ -34,8 +40,8 @@ def _extension_sources() -> list[tuple[str, str]]:
         # pair outside fastpath/ keeps an uncompiled copy from shadowing the extension.
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "__init__.py").touch()
-        shutil.copyfile(twin, staging / f"{pxd.stem}.py")
-        shutil.copyfile(pxd, staging / pxd.name)
+        _copy_if_changed(twin, staging / f"{pxd.stem}.py")
+        _copy_if_changed(pxd, staging / pxd.name)
         sources.append((f"fastpath.{pxd.stem}", str((staging / f"{pxd.stem}.py").relative_to(HERE))))
     return sources
 

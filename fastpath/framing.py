@@ -5,18 +5,12 @@ it is not built, else the pure-Python twin; both stay reachable as ``framing_c``
 (None when not loaded) and ``framing_py`` so tests can exercise each.
 """
 
-import importlib
-from types import ModuleType
 from typing import TYPE_CHECKING
 
-from fastpath import NO_EXTENSIONS
 from fastpath import _framing_py as framing_py
+from fastpath._select import compiled_twin
 
-framing_c: ModuleType | None
-try:
-    framing_c = None if NO_EXTENSIONS else importlib.import_module("fastpath._framing_c")
-except ImportError:
-    framing_c = None
+framing_c = compiled_twin("_framing_c")
 
 COMPILED: bool = framing_c is not None
 

@@ -7,19 +7,13 @@ else the pure-Python twin; both stay reachable as ``grpc_wire_c`` (None when not
 loaded) and ``grpc_wire_py``.
 """
 
-import importlib
-from types import ModuleType
 from typing import TYPE_CHECKING
 
-from fastpath import NO_EXTENSIONS
 from fastpath import _grpc_wire_py as grpc_wire_py
 from fastpath._grpc_wire_py import DecodedParams, Params, ParamValue
+from fastpath._select import compiled_twin
 
-grpc_wire_c: ModuleType | None
-try:
-    grpc_wire_c = None if NO_EXTENSIONS else importlib.import_module("fastpath._grpc_wire_c")
-except ImportError:
-    grpc_wire_c = None
+grpc_wire_c = compiled_twin("_grpc_wire_c")
 
 COMPILED: bool = grpc_wire_c is not None
 

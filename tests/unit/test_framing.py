@@ -1,6 +1,5 @@
 """fastpath.framing: both twins, against tritonclient's BYTES codec and each other."""
 
-import importlib.machinery
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -12,7 +11,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import deserialize_bytes_tensor as triton_deserialize
 from tritonclient.utils import serialize_byte_tensor as triton_serialize
 
-from fastpath import NO_EXTENSIONS, framing
+from fastpath import framing
 from fastpath.errors import FramingError
 
 IMPLS = [
@@ -50,24 +49,6 @@ def both(name: str, *args: Any) -> tuple[str, Any]:
     ]
     assert all(r == results[0] for r in results), results
     return results[0]
-
-
-def test_c_framing_loaded() -> None:
-    if NO_EXTENSIONS:
-        pytest.skip("MESHGATE_NO_EXTENSIONS=1: the pure-Python twin is expected")
-    assert framing.COMPILED
-    assert framing.framing_c is not None
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    assert str(framing.framing_c.__file__).endswith(suffixes)
-    assert framing.serialize_bytes_tensor is framing.framing_c.serialize_bytes_tensor
-
-
-def test_py_framing_selected_without_extensions() -> None:
-    if not NO_EXTENSIONS:
-        pytest.skip("extensions enabled")
-    assert not framing.COMPILED
-    assert framing.framing_c is None
-    assert framing.serialize_bytes_tensor is framing.framing_py.serialize_bytes_tensor
 
 
 # ---------------------------------------------------------------------------- BYTES tensors

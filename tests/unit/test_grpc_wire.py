@@ -1,6 +1,5 @@
 """fastpath.grpc_wire: both twins, against tritonclient's protobuf messages and each other."""
 
-import importlib.machinery
 import tracemalloc
 from collections.abc import Callable
 from types import ModuleType
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 
-from fastpath import NO_EXTENSIONS, grpc_wire
+from fastpath import grpc_wire
 from fastpath.errors import FramingError
 
 IMPLS = [
@@ -162,24 +161,6 @@ def pb_responses(draw: st.DrawFn) -> Any:
 
 
 # ---------------------------------------------------------------------------- selection
-
-
-def test_c_grpc_wire_loaded() -> None:
-    if NO_EXTENSIONS:
-        pytest.skip("MESHGATE_NO_EXTENSIONS=1: the pure-Python twin is expected")
-    assert grpc_wire.COMPILED
-    assert grpc_wire.grpc_wire_c is not None
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    assert str(grpc_wire.grpc_wire_c.__file__).endswith(suffixes)
-    assert grpc_wire.decode_infer_response is grpc_wire.grpc_wire_c.decode_infer_response
-
-
-def test_py_grpc_wire_selected_without_extensions() -> None:
-    if not NO_EXTENSIONS:
-        pytest.skip("extensions enabled")
-    assert not grpc_wire.COMPILED
-    assert grpc_wire.grpc_wire_c is None
-    assert grpc_wire.InferResponse is grpc_wire.grpc_wire_py.InferResponse
 
 
 # ---------------------------------------------------------------------------- encoding

@@ -1,0 +1,74 @@
+"""Layout of the fleet state array, and the integer codes shared by the decision routines.
+
+The fleet state is one C-contiguous float64 array of shape ``(capacity, NFIELDS)``.
+A row is a *slot*: one (backend, model) deployment. The gateway's fleet writes the
+rows; the scorer only reads them, and nothing but this array holds what it reads,
+so the array can later move to shared memory unchanged.
+
+Codes are plain ints (not Enums) so the compiled twins compare C integers.
+"""
+
+import numpy as np
+
+# Columns of the state array, one line each: what the value means and its "unknown".
+QUEUE_DEPTH = 0  # requests waiting at the backend for this model (Triton's pending count)
+INFLIGHT = 1  # requests this gateway has sent to the slot that have not finished
+VRAM_USED = 2  # bytes of GPU memory in use on the backend
+VRAM_TOTAL = 3  # bytes of GPU memory on the backend; 0 = unknown (no VRAM term, no VRAM filter)
+KV_FRACTION = 4  # fraction of the KV cache in use, 0..1; NaN = not reported
+TTFT_EWMA = 5  # seconds to first token, EWMA; NaN = no sample yet (scores as 0)
+TPOT_EWMA = 6  # seconds per output token, EWMA; NaN = no sample yet (not scored)
+READY = 7  # 1 = the model is loaded and ready on the backend; anything else = not
+CIRCUIT_OPEN = 8  # 1 = the circuit breaker is open after failures; 0 = closed
+DRAINING = 9  # 1 = cordoned: finishes its in-flight work but takes nothing new; 0 = serving
+SIGNAL_AT = 10  # time.monotonic() of the newest signal; NaN = never signalled (stale)
+MAX_AGE = 11  # seconds a signal stays fresh; older counts as saturated, not idle
+WEIGHT = 12  # traffic share: 1.0 normal, (0, 1) while re-entering after ejection, <= 0 ejected
+QUEUE_LIMIT = 13  # QUEUE_DEPTH + INFLIGHT at which the slot is saturated; <= 0 = config default
+NFIELDS = 14
+
+# Scoring policies.
+POLICY_ROUND_ROBIN = 0
+POLICY_LEAST_QUEUE = 1
+POLICY_POWER_OF_TWO = 2
+POLICY_HYBRID = 3
+POLICY_PREFIX_AFFINITY = 4
+POLICY_NAMES: dict[str, int] = {
+    "round_robin": POLICY_ROUND_ROBIN,
+    "least_queue": POLICY_LEAST_QUEUE,
+    "power_of_two": POLICY_POWER_OF_TWO,
+    "hybrid": POLICY_HYBRID,
+    "prefix_affinity": POLICY_PREFIX_AFFINITY,
+}
+
+# Priority classes of a request (from a header); the ids index per-class limits.
+PRIORITY_CRITICAL = 0
+PRIORITY_STANDARD = 1
+PRIORITY_SHEDDABLE = 2
+PRIORITY_NAMES: dict[str, int] = {
+    "critical": PRIORITY_CRITICAL,
+    "standard": PRIORITY_STANDARD,
+    "sheddable": PRIORITY_SHEDDABLE,
+}
+
+# Admission results: ADMIT, or the reason of a refusal.
+ADMIT = 0
+REFUSE_SATURATED = 1  # every candidate is saturated or stale: 429 with Retry-After
+REFUSE_OVER_LIMIT = 2  # a global or per-model in-flight limit is reached: 429 with Retry-After
+REFUSE_NO_BACKEND = 3  # no candidate is ready, closed-circuit and serving: 503
+REASON_NAMES: dict[int, str] = {
+    REFUSE_SATURATED: "saturated",
+    REFUSE_OVER_LIMIT: "over_limit",
+    REFUSE_NO_BACKEND: "no_backend",
+}
+
+
+def new_state(capacity: int) -> np.ndarray:
+    """A state array of ``capacity`` empty slots: not ready, never signalled, weight 1."""
+    state = np.zeros((capacity, NFIELDS), dtype=np.float64)
+    state[:, KV_FRACTION] = np.nan
+    state[:, TTFT_EWMA] = np.nan
+    state[:, TPOT_EWMA] = np.nan
+    state[:, SIGNAL_AT] = np.nan
+    state[:, WEIGHT] = 1.0
+    return state
