@@ -211,7 +211,7 @@ class TritonRuntimeAdapter:
             )
         return deltas
 
-    async def run(self, sink: Callable[[Delta], None], stop: asyncio.Event) -> None:
+    async def run(self, sink: Callable[[Delta], object], stop: asyncio.Event) -> None:
         """Scrape every ``interval`` until ``stop`` is set, passing each delta to ``sink``.
 
         A failed scrape emits nothing (the backend's readings then age past their max

@@ -8,11 +8,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import kserve
-from .api.keys import CONFIG, FLEET
+from .api import admin, kserve, openai
+from .api.keys import CONFIG, FLEET, ROUTER
 from .config import GatewayConfig
 from .errors import GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
+from .router import Router
+from .signals import SignalPlane
 
 log = logging.getLogger("meshgate.app")
 
@@ -57,15 +59,22 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    app[FLEET] = Fleet(config)
+    fleet = Fleet(config)
+    signals = SignalPlane(fleet, config)
+    app[FLEET] = fleet
+    app[ROUTER] = Router(fleet, config)
     kserve.add_routes(app)
+    openai.add_routes(app)
+    admin.add_routes(app)
 
-    async def start_fleet(app: web.Application) -> None:
-        await app[FLEET].start()
+    async def start_planes(app: web.Application) -> None:
+        await fleet.start()
+        await signals.start()
 
-    async def close_fleet(app: web.Application) -> None:
-        await app[FLEET].close()
+    async def close_planes(app: web.Application) -> None:
+        await signals.close()
+        await fleet.close()
 
-    app.on_startup.append(start_fleet)
-    app.on_cleanup.append(close_fleet)
+    app.on_startup.append(start_planes)
+    app.on_cleanup.append(close_planes)
     return app

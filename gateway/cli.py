@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvloop
 from aiohttp import web
+
+from adapters import gpu as gpu_adapter
+from adapters.gpu import TOKEN_ENV as ADMIN_TOKEN_ENV
 
 from . import local_triton
 from .app import create_app
@@ -33,6 +37,18 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="default per-request deadline in seconds",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--policy", help="default routing policy (default hybrid)")
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        dest="scrape_interval_s",
+        help="seconds between Triton metrics scrapes (default 0.25)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV),
+        help=f"bearer token of /admin and GPU sidecars (default ${ADMIN_TOKEN_ENV})",
+    )
 
 
 def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayConfig:
@@ -46,6 +62,9 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout_s,
         log_level=args.log_level,
+        policy=args.policy,
+        scrape_interval_s=args.scrape_interval_s,
+        admin_token=args.admin_token,
     )
 
 
@@ -133,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", type=Path, default=Path(".run/triton"))
     _add_serve_arguments(up)
     up.set_defaults(run=_cmd_up)
+
+    adapter = commands.add_parser("adapter", help="run a signal adapter as a sidecar")
+    adapters = adapter.add_subparsers(dest="adapter", required=True)
+    gpu = adapters.add_parser("gpu", help="push NVML GPU readings to a gateway's /admin/deltas")
+    gpu_adapter.add_arguments(gpu)
+    gpu.set_defaults(run=gpu_adapter.main)
     return parser
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import tomllib
+from fastpath.admission import AdmissionConfig
+from fastpath.scoring import ScoringConfig
+from fastpath.state import POLICY_NAMES
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -61,6 +64,17 @@ class GatewayConfig:
     # Default per-request deadline, propagated to Triton as the gRPC deadline.
     request_timeout_s: float = 600.0
     log_level: str = "INFO"
+    # Routing policy of models without their own: round_robin, least_queue,
+    # power_of_two, hybrid, prefix_affinity.
+    policy: str = "hybrid"
+    # Seconds between scrapes of each backend's Triton metrics endpoint.
+    scrape_interval_s: float = 0.25
+    # Bearer token of /admin/* and of GPU sidecars pushing deltas; None: admin API off.
+    admin_token: str | None = None
+    # Rows of the fleet state array: (backend, model) deployments the gateway can track.
+    max_slots: int = 1024
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     models: dict[str, ModelSettings] = field(default_factory=dict)
 
     def model_settings(self, model: str) -> ModelSettings:
@@ -94,14 +108,29 @@ def load_config(path: Path | None) -> GatewayConfig:
     backends = parse_backends(
         [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])]
     )
-    known = set(GatewayConfig.__dataclass_fields__) - {"backends", "models"}
+    known = set(GatewayConfig.__dataclass_fields__) - {"backends", "models", "scoring", "admission"}
     unknown = set(gateway) - known
     if unknown:
         raise ConfigError(f"config {path}: unknown [gateway] keys {sorted(unknown)}")
     models = {
         name: _model_settings(path, name, table) for name, table in data.get("models", {}).items()
     }
-    return GatewayConfig(backends=backends, models=models, **gateway)
+    try:
+        scoring = ScoringConfig(**data.get("scoring", {}))
+        admission = AdmissionConfig(**data.get("admission", {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config {path}: {exc}") from exc
+    return GatewayConfig(
+        backends=backends, models=models, scoring=scoring, admission=admission, **gateway
+    )
+
+
+def check_policy(name: str, where: str) -> int:
+    """The policy id of ``name``, or a ConfigError naming the choices."""
+    policy = POLICY_NAMES.get(name)
+    if policy is None:
+        raise ConfigError(f"{where}: unknown policy {name!r}; choose from {sorted(POLICY_NAMES)}")
+    return policy
 
 
 def _model_settings(path: Path, name: str, table: dict[str, Any]) -> ModelSettings:

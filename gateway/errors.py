@@ -60,6 +60,13 @@ class NotFound(GatewayError):
     openai_type = "invalid_request_error"
 
 
+class ModelNotFound(NotFound):
+    """No text model of that name on the OpenAI surface (OpenAI's code ``model_not_found``)."""
+
+    type = "model_not_found"
+    param = "model"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "payload_too_large"
@@ -67,16 +74,21 @@ class PayloadTooLarge(GatewayError):
 
 
 class Overloaded(GatewayError):
+    """Admission refused the request; ``type`` is the reason code (saturated, over_limit)."""
+
     status = 429
-    type = "overloaded"
     openai_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.type = reason
 
 
 class Unavailable(GatewayError):
     """No backend can serve the request now (not ready, unreachable)."""
 
     status = 503
-    type = "unavailable"
+    type = "no_backend"
 
 
 class StatusError(GatewayError):

@@ -1,8 +1,9 @@
 """The fleet: which Triton backend serves which model, kept current in the background.
 
-Discovery reads each backend's repository index every ``discovery_interval_s``;
-a model is routed only to backends where it is READY. The data plane reads
-``Fleet.route`` and never waits on discovery.
+Discovery reads each backend's repository index every ``discovery_interval_s`` and
+marks each (backend, model) slot of the state array READY or not; the signal plane
+(runtime scrapers, GPU deltas) writes load into the same slots. The data plane reads
+``Fleet.candidates`` and the array, and never waits on discovery.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from tritonclient.grpc import service_pb2 as pb
+
+from fastpath.state import READY
 
 from .config import BackendSpec, GatewayConfig
 from .errors import NotFound, Unavailable
+from .fleet_state import FleetState
 from .upstream import TritonChannel
 
 log = logging.getLogger("meshgate.fleet")
@@ -87,9 +92,12 @@ class Fleet:
         self._specs = config.backends
         self._max_message_bytes = config.max_body_bytes + 1024 * 1024
         self.backends: list[Backend] = []
+        self.by_id: dict[str, Backend] = {}
         self._interval = config.discovery_interval_s
-        self._routes: dict[str, list[Backend]] = {}
-        self._rr: dict[str, int] = {}
+        self.state = FleetState(config.max_slots)
+        for spec in self._specs:
+            if spec.metrics_url:
+                self.state.expect_runtime_signal(spec.id)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -99,6 +107,7 @@ class Fleet:
             Backend(spec, TritonChannel(spec.grpc_target, self._max_message_bytes))
             for spec in self._specs
         ]
+        self.by_id = {b.id: b for b in self.backends}
         await self.refresh()
         self._task = asyncio.create_task(self._discover_forever(), name="fleet-discovery")
 
@@ -109,14 +118,12 @@ class Fleet:
         await asyncio.gather(*(b.channel.close() for b in self.backends))
 
     async def refresh(self) -> None:
-        """One discovery pass over every backend, then rebuild the routing index."""
+        """One discovery pass over every backend, then mark each slot READY or not."""
         await asyncio.gather(*(self._refresh_backend(b) for b in self.backends))
-        routes: dict[str, list[Backend]] = {}
         for backend in self.backends:
-            if backend.ready:
-                for name in backend.models:
-                    routes.setdefault(name, []).append(backend)
-        self._routes = routes
+            for name in backend.known_models:
+                slot = self.state.slot(backend.id, name)
+                self.state.set_ready(slot, backend.ready and name in backend.models)
 
     async def _discover_forever(self) -> None:
         while True:
@@ -164,21 +171,38 @@ class Fleet:
 
     # -- data plane -------------------------------------------------------------------
 
-    def route(self, model: str, version: str = "") -> list[Backend]:
-        """Backends that can serve ``model`` now, first choice first (round-robin).
+    def candidates(self, model: str, version: str = "") -> np.ndarray:
+        """The slots that may serve ``model`` (the scorer filters out the unready ones).
 
-        Raises NotFound for a model no backend knows and Unavailable when it is known
-        but READY nowhere.
+        Raises NotFound for a model no backend knows and Unavailable when a version
+        is asked for that no backend has READY.
         """
-        candidates = self._routes.get(model, [])
-        if version:
-            candidates = [b for b in candidates if version in b.models[model]]
-        if not candidates:
+        slots = self.state.candidates(model)
+        if slots is None:
             raise self._unroutable(model, version)
-        turn = self._rr.get(model, 0)
-        self._rr[model] = turn + 1
-        start = turn % len(candidates)
-        return candidates[start:] + candidates[:start]
+        if version:
+            keys = self.state.slot_keys
+            slots = np.array(
+                [s for s in slots if version in self.by_id[keys[s][0]].models.get(model, {})],
+                dtype=np.int32,
+            )
+            if not len(slots):
+                raise self._unroutable(model, version)
+        return slots
+
+    def ready_backends(self, model: str, version: str = "") -> list[Backend]:
+        """Backends with ``model`` READY, for control-plane calls (no admission)."""
+        ready = [
+            self.backend_of(int(slot))
+            for slot in self.candidates(model, version)
+            if self.state.array[slot, READY] == 1.0
+        ]
+        if not ready:
+            raise self._unroutable(model, version)
+        return ready
+
+    def backend_of(self, slot: int) -> Backend:
+        return self.by_id[self.state.slot_keys[slot][0]]
 
     def model_info(self, backend: Backend, model: str, version: str = "") -> ModelInfo:
         versions = backend.models[model]
@@ -222,15 +246,24 @@ class Fleet:
             if version or name not in ready_names
         ]
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """Every backend with its health and, per model, its latest signals."""
         return [
             {
                 "id": b.id,
                 "target": b.spec.grpc_target,
+                "metrics_url": b.spec.metrics_url,
                 "reachable": b.reachable,
                 "ready": b.ready,
-                "models": sorted(b.models),
                 "last_error": b.last_error,
+                "gpus": {
+                    uuid: {"vram_used_bytes": u, "vram_total_bytes": t, "utilization": util}
+                    for uuid, (u, t, util) in self.state.gpus.get(b.id, {}).items()
+                },
+                "models": {
+                    self.state.slot_keys[slot][1]: self.state.describe_slot(slot, now)
+                    for slot in self.state.slots_of(b.id)
+                },
             }
             for b in self.backends
         ]

@@ -12,10 +12,11 @@ from aiohttp import web
 from fastpath import grpc_wire
 from fastpath.errors import FramingError
 
-from .api.keys import CONFIG
+from .api.keys import CONFIG, ROUTER
 from .config import GatewayConfig
 from .errors import BadRequest, UpstreamError
 from .fleet import Backend
+from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
 from .upstream import is_connection_failure, upstream_error
 
 T = TypeVar("T")
@@ -37,15 +38,38 @@ def request_timeout_s(request: web.Request) -> float:
     return millis / 1000.0
 
 
-async def with_failover(backends: list[Backend], call: Callable[[Backend], Awaitable[T]]) -> T:
-    """Run ``call`` on the first backend; if it could not be reached, once on the next.
-    Only safe before anything was sent to the client."""
+def admit(request: web.Request, model: str, version: str, affinity: bytes | None) -> Lease:
+    """Admit a request for ``model`` (429/503 when refused): its priority header, and the
+    session header or else ``affinity`` (the prompt) for prefix_affinity."""
+    session = request.headers.get(SESSION_HEADER)
+    return request.app[ROUTER].admit(
+        model,
+        version,
+        parse_priority(request.headers.get(PRIORITY_HEADER)),
+        session.encode() if session else affinity,
+    )
+
+
+async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]]) -> T:
+    """Run ``call`` on the lease's first backend; if it could not be reached, once on
+    the next. Only safe before anything was sent to the client."""
+    retries = min(len(lease.slots), 2)
+    for attempt, backend in enumerate(lease.attempts()):
+        try:
+            return await call(backend)
+        except grpc.aio.AioRpcError as exc:
+            if not (attempt + 1 < retries and is_connection_failure(exc)):
+                raise upstream_error(exc) from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def any_backend(backends: list[Backend], call: Callable[[Backend], Awaitable[T]]) -> T:
+    """A control-plane call on the first backend that answers."""
     for attempt, backend in enumerate(backends):
         try:
             return await call(backend)
         except grpc.aio.AioRpcError as exc:
-            retry = attempt == 0 and len(backends) > 1 and is_connection_failure(exc)
-            if not retry:
+            if not (attempt + 1 < len(backends) and is_connection_failure(exc)):
                 raise upstream_error(exc) from None
     raise AssertionError("unreachable: the loop returns or raises")
 
@@ -72,3 +96,23 @@ async def stream_replies(
                 yield reply
     finally:
         call.cancel()
+
+
+async def open_stream(
+    lease: Lease, wire_for: Callable[[Backend], bytes], timeout: float
+) -> tuple[Any, AsyncGenerator[Any, None]]:
+    """Start a streaming call with failover until its first reply (nothing has reached
+    the client before it). Returns that reply and the rest; the caller must ``aclose``
+    the rest, which cancels the call."""
+
+    async def first_reply(backend: Backend) -> tuple[Any, AsyncGenerator[Any, None]]:
+        replies = stream_replies(backend, wire_for(backend), timeout)
+        try:
+            return await anext(replies), replies
+        except StopAsyncIteration:
+            raise UpstreamError("the model ended the stream without a response", 502) from None
+        except BaseException:
+            await replies.aclose()
+            raise
+
+    return await with_failover(lease, first_reply)

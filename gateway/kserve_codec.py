@@ -147,7 +147,7 @@ def encode_infer_response(response: Any, call: InferCall) -> tuple[bytes, int | 
     return framing.build_infer_body(header, tails), len(header)
 
 
-def encode_generate(model: str, info: ModelInfo, body: dict[str, Any], stream: bool) -> bytes:
+def encode_generate(model: str, info: ModelInfo, body: dict[str, Any]) -> bytes:
     """Triton's generate extension: fields named like model inputs become tensors
     (top level or inside "parameters"); the rest become request parameters."""
     fields = dict(body)

@@ -4,6 +4,8 @@ from aiohttp import web
 
 from ..config import GatewayConfig
 from ..fleet import Fleet
+from ..router import Router
 
 CONFIG = web.AppKey("config", GatewayConfig)
 FLEET = web.AppKey("fleet", Fleet)
+ROUTER = web.AppKey("router", Router)

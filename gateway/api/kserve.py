@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import grpc
@@ -15,10 +15,18 @@ from fastpath import grpc_wire
 from .. import kserve_codec as codec
 from .. import sse
 from ..errors import BadRequest, GatewayError, UpstreamError
-from ..fleet import Backend, Fleet
-from ..forward import decode_reply, request_timeout_s, stream_replies, with_failover
+from ..fleet import Backend, Fleet, ModelInfo
+from ..forward import (
+    admit,
+    any_backend,
+    decode_reply,
+    open_stream,
+    request_timeout_s,
+    stream_replies,
+    with_failover,
+)
 from ..protojson import message_to_dict
-from ..upstream import is_connection_failure, upstream_error
+from ..upstream import upstream_error
 from .keys import FLEET
 
 T = TypeVar("T")
@@ -82,8 +90,8 @@ async def repository_index(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     model, version = _target(request)
-    backends = request.app[FLEET].route(model, version)
-    reply = await with_failover(
+    backends = request.app[FLEET].ready_backends(model, version)
+    reply = await any_backend(
         backends,
         lambda b: b.channel.control.ModelMetadata(
             pb.ModelMetadataRequest(name=model, version=version), timeout=5
@@ -94,8 +102,8 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 async def model_config(request: web.Request) -> web.Response:
     model, version = _target(request)
-    backends = request.app[FLEET].route(model, version)
-    reply = await with_failover(
+    backends = request.app[FLEET].ready_backends(model, version)
+    reply = await any_backend(
         backends,
         lambda b: b.channel.control.ModelConfig(
             pb.ModelConfigRequest(name=model, version=version), timeout=5
@@ -107,7 +115,7 @@ async def model_config(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     model, version = _target(request)
     try:
-        request.app[FLEET].route(model, version)
+        request.app[FLEET].ready_backends(model, version)
     except GatewayError as exc:
         # Triton answers 400 for a model that is not ready, whatever the reason.
         return _json({"error": exc.message}, status=400)
@@ -126,15 +134,16 @@ async def _control(awaitable: Awaitable[T]) -> T:
 
 async def infer(request: web.Request) -> web.Response:
     model, version = _target(request)
-    fleet: Fleet = request.app[FLEET]
-    backends = fleet.route(model, version)
+    request.app[FLEET].candidates(model, version)  # unknown model: 404 before reading the body
     body = await request.read()
     header, tail = codec.decode_infer_body(
         body, request.headers.get("Inference-Header-Content-Length")
     )
     call = codec.encode_infer(model, version, header, tail)
     timeout = request_timeout_s(request)
-    reply = await with_failover(backends, lambda b: b.channel.infer(call.wire, timeout))
+    with admit(request, model, version, None) as lease:
+        reply = await with_failover(lease, lambda b: b.channel.infer(call.wire, timeout))
+        lease.first_response()
     out, header_length = codec.encode_infer_response(
         decode_reply(grpc_wire.decode_infer_response, reply), call
     )
@@ -147,31 +156,34 @@ async def infer(request: web.Request) -> web.Response:
     )
 
 
-async def _generate_setup(
-    request: web.Request,
-) -> tuple[list[Backend], Callable[[Backend], bytes], bool]:
-    """Route a generate request; returns backends, a per-backend wire encoder, decoupled."""
-    model, version = _target(request)
-    fleet: Fleet = request.app[FLEET]
-    backends = fleet.route(model, version)
-    body = codec.parse_json(await request.read())
+class _Generate:
+    """A parsed generate request: its body, and the wire bytes for a given backend."""
 
-    def wire_for(backend: Backend) -> bytes:
-        return codec.encode_generate(model, fleet.model_info(backend, model, version), body, True)
+    def __init__(self, request: web.Request, body: dict[str, Any]) -> None:
+        self.model, self.version = _target(request)
+        self.fleet: Fleet = request.app[FLEET]
+        self.body = body
 
-    return backends, wire_for, fleet.model_info(backends[0], model, version).decoupled
+    def info(self, backend: Backend) -> ModelInfo:
+        return self.fleet.model_info(backend, self.model, self.version)
+
+    def wire_for(self, backend: Backend) -> bytes:
+        return codec.encode_generate(self.model, self.info(backend), self.body)
+
+    def prompt(self) -> bytes | None:
+        text = self.body.get("text_input")
+        return text.encode() if isinstance(text, str) else None
 
 
 async def generate(request: web.Request) -> web.Response:
-    backends, wire_for, decoupled = await _generate_setup(request)
+    gen = _Generate(request, codec.parse_json(await request.read()))
     timeout = request_timeout_s(request)
 
     async def one_reply(backend: Backend) -> Any:
-        wire = wire_for(backend)
-        if not decoupled:
-            return decode_reply(
-                grpc_wire.decode_infer_response, await backend.channel.infer(wire, timeout)
-            )
+        wire = gen.wire_for(backend)
+        if not gen.info(backend).decoupled:
+            reply = await backend.channel.infer(wire, timeout)
+            return decode_reply(grpc_wire.decode_infer_response, reply)
         replies = [r async for r in stream_replies(backend, wire, timeout)]
         if len(replies) != 1:
             raise BadRequest(
@@ -179,36 +191,29 @@ async def generate(request: web.Request) -> web.Response:
             )
         return replies[0]
 
-    return _json(codec.generate_response_json(await with_failover(backends, one_reply)))
+    with admit(request, gen.model, gen.version, gen.prompt()) as lease:
+        reply = await with_failover(lease, one_reply)
+        lease.first_response()
+    return _json(codec.generate_response_json(reply))
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    backends, wire_for, _ = await _generate_setup(request)
+    gen = _Generate(request, codec.parse_json(await request.read()))
     timeout = request_timeout_s(request)
-    response: web.StreamResponse | None = None
-    for attempt, backend in enumerate(backends):
-        replies = stream_replies(backend, wire_for(backend), timeout)
+    with admit(request, gen.model, gen.version, gen.prompt()) as lease:
+        first, rest = await open_stream(lease, gen.wire_for, timeout)
+        lease.first_response()
         try:
-            async for reply in replies:
-                if response is None:
-                    response = await sse.open_stream(request)
+            response = await sse.open_stream(request)
+            await sse.send_json(response, codec.generate_response_json(first))
+            async for reply in rest:
                 await sse.send_json(response, codec.generate_response_json(reply))
-            break
         except grpc.aio.AioRpcError as exc:
-            if response is None:
-                if attempt == 0 and len(backends) > 1 and is_connection_failure(exc):
-                    continue
-                raise upstream_error(exc) from None
+            # After the first byte nothing is replayed: the client is told, explicitly.
             await sse.send_json(response, {"error": upstream_error(exc).message})
-            break
         except UpstreamError as exc:
-            if response is None:
-                raise
             await sse.send_json(response, {"error": exc.message})
-            break
         finally:
-            await replies.aclose()
-    if response is None:
-        response = await sse.open_stream(request)
+            await rest.aclose()
     await response.write_eof()
     return response

@@ -1,0 +1,381 @@
+"""The OpenAI API (/v1): chat completions, completions and models, served from the fleet.
+
+Every completion is one ModelStreamInfer call (``forward.open_stream``): ``stream: true``
+relays each Triton response as a chunk, ``stream: false`` gathers them into one answer.
+Request fields are mapped, ignored or refused as the README's "OpenAI API" section says.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import orjson
+from aiohttp import web
+
+from fastpath.framing import sse_event
+
+from .. import kserve_codec as codec
+from .. import sse
+from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
+from ..config import GatewayConfig
+from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
+from ..fleet import Backend, Fleet
+from ..forward import admit, open_stream, request_timeout_s
+from ..openai_profiles import (
+    ReplyReader,
+    Sampling,
+    Usage,
+    check_profile_name,
+    is_text_model,
+    profile_for,
+)
+from ..upstream import upstream_error
+from .keys import CONFIG, FLEET
+
+
+@dataclass(frozen=True)
+class _Surface:
+    """Per-app state: chat templates by model, and when the gateway started."""
+
+    templates: dict[str, ChatTemplate]
+    default_template: ChatTemplate
+    started: int
+
+    def template(self, model: str) -> ChatTemplate:
+        return self.templates.get(model, self.default_template)
+
+
+SURFACE = web.AppKey("openai", _Surface)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register /v1; a bad profile name or chat template in the config fails startup."""
+    config: GatewayConfig = app[CONFIG]
+    templates = {}
+    for model, settings in config.models.items():
+        check_profile_name(model, settings.profile)
+        if settings.chat_template is not None:
+            templates[model] = ChatTemplate.from_file(settings.chat_template)
+    app[SURFACE] = _Surface(templates, ChatTemplate(DEFAULT_TEMPLATE), int(time.time()))
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+
+
+def _json(value: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(value), content_type="application/json")
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "meshgate"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET]
+    names = {
+        name
+        for backend in fleet.backends
+        if backend.ready
+        for name in backend.models
+        if is_text_model(fleet.model_info(backend, name))
+    }
+    created = request.app[SURFACE].started
+    return _json({"object": "list", "data": [_model_object(n, created) for n in sorted(names)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    _check_text_model(request.app[FLEET], model)
+    return _json(_model_object(model, request.app[SURFACE].started))
+
+
+def _check_text_model(fleet: Fleet, model: str) -> None:
+    """Unknown and non-text models are both 404; known but not ready is 503."""
+    try:
+        backends = fleet.ready_backends(model)
+    except NotFound:
+        raise ModelNotFound(f"The model '{model}' does not exist") from None
+    if not is_text_model(fleet.model_info(backends[0], model)):
+        raise ModelNotFound(
+            f"model '{model}' is not a text model (it needs a BYTES input 'text_input'"
+            " and an output 'text_output')"
+        )
+
+
+# -- request fields ---------------------------------------------------------------------
+
+# Mapped to Triton by both endpoints, and by one of them.
+_MAPPED = frozenset(
+    {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream"}
+    | {"stream_options", "user"}
+)
+_MAPPED_CHAT = frozenset({"messages", "max_completion_tokens"})
+_MAPPED_TEXT = frozenset({"prompt"})
+# Accepted and ignored: they do not change what a Triton text model generates.
+_IGNORED = frozenset({"store", "metadata", "service_tier", "parallel_tool_calls"})
+# Accepted only at their no-op value: any other value asks for something we cannot do.
+_NO_OP_ONLY: dict[str, Any] = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "logit_bias": {},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "echo": False,
+    "best_of": 1,
+    "suffix": "",
+}
+_SEED_LIMIT = 2**63  # vLLM takes a signed 64-bit seed, tiny_lm an unsigned one
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated completion request; a chat's prompt is filled in by its template."""
+
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    messages: list[dict[str, str]]
+    sampling: Sampling
+
+
+def _parse(body: dict[str, Any], chat: bool) -> _Call:
+    known = _MAPPED | (_MAPPED_CHAT if chat else _MAPPED_TEXT) | _IGNORED | _NO_OP_ONLY.keys()
+    for name, value in body.items():
+        if name not in known:
+            raise BadRequest(f"Unrecognized request argument supplied: {name}", param=name)
+        if name in _NO_OP_ONLY and value is not None and value != _NO_OP_ONLY[name]:
+            raise BadRequest(f"'{name}' is not supported by this gateway", param=name)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        raise BadRequest(f"'n' must be 1 (one choice per request), got {n!r}", param="n")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", param="stream")
+    include_usage = _stream_options(body.get("stream_options"), bool(stream))
+    max_tokens = _integer(body, "max_tokens", 1, None)
+    if chat:
+        # max_completion_tokens is OpenAI's newer name; it wins when both are given.
+        max_tokens = _integer(body, "max_completion_tokens", 1, None) or max_tokens
+        messages = template_messages(body.get("messages"))
+        prompt = ""
+    else:
+        messages = []
+        prompt = _prompt(body.get("prompt"))
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("'user' must be a string", param="user")
+    sampling = Sampling(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        seed=_integer(body, "seed", 0, _SEED_LIMIT - 1),
+        stop=_stop(body.get("stop")),
+        user=user,
+    )
+    return _Call(chat, model, bool(stream), include_usage, messages, sampling)
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    if not isinstance(value, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    include_usage = value.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise BadRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
+    return include_usage
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise BadRequest(f"'{name}' must be {bound}, got {value!r}", param=name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a number in [{low}, {high}], got {value!r}", param=name)
+    return float(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise BadRequest("'stop' must be a string or an array of strings", param="stop")
+    return tuple(w for w in words if w)  # an empty stop string would match at once
+
+
+def _prompt(value: Any) -> str:
+    # One prompt per request: a list would ask for one choice per prompt.
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise BadRequest("'prompt' must be a string (one prompt, not tokens)", param="prompt")
+    return value
+
+
+# -- completions ------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
+    call = _parse(codec.parse_json(await request.read()), chat)
+    fleet: Fleet = request.app[FLEET]
+    _check_text_model(fleet, call.model)
+    sampling = call.sampling
+    if chat:
+        prompt = request.app[SURFACE].template(call.model).render(call.messages)
+        sampling = replace(sampling, prompt=prompt)
+    configured = request.app[CONFIG].model_settings(call.model).profile
+    chunks = _Chunks(call, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+
+    def wire_for(backend: Backend) -> bytes:
+        info = fleet.model_info(backend, call.model)
+        return profile_for(info, configured).encode(info, sampling, chunks.id)
+
+    with admit(request, call.model, "", sampling.prompt.encode()) as lease:
+        first, rest = await open_stream(lease, wire_for, request_timeout_s(request))
+        lease.first_response()
+        try:
+            if call.stream:
+                return await _stream(request, chunks, sampling, first, rest)
+            reader = ReplyReader()
+            reader.read(first)
+            await _read_all(rest, reader)
+            reader.flush()
+            usage = reader.usage(sampling.prompt)
+            reason = reader.final_reason(usage, sampling.max_tokens)
+            return _json(chunks.whole(reader.text, reason, usage))
+        finally:
+            await rest.aclose()
+
+
+async def _read_all(replies: AsyncGenerator[Any, None], reader: ReplyReader) -> None:
+    try:
+        async for reply in replies:
+            reader.read(reply)
+    except grpc.aio.AioRpcError as exc:
+        raise upstream_error(exc) from None
+
+
+async def _stream(
+    request: web.Request,
+    chunks: _Chunks,
+    sampling: Sampling,
+    first: Any,
+    rest: AsyncGenerator[Any, None],
+) -> web.StreamResponse:
+    """Relay each response as a chunk. After the headers are sent an error can only be
+    told in-band: an ``error`` event, and no ``[DONE]``, so the client cannot take the
+    cut stream for a complete one."""
+    response = await sse.open_stream(request)
+    reader = ReplyReader()
+    await sse.send_json(response, chunks.delta(reader.read(first), first=True))
+    try:
+        async for reply in rest:
+            text = reader.read(reply)
+            if text:
+                await sse.send_json(response, chunks.delta(text))
+    except (grpc.aio.AioRpcError, GatewayError) as exc:
+        error = upstream_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+        await response.write(sse_event(error.openai_body(), b"error"))
+        return response
+    tail = reader.flush()
+    if tail:
+        await sse.send_json(response, chunks.delta(tail))
+    usage = reader.usage(sampling.prompt)
+    await sse.send_json(response, chunks.finish(reader.final_reason(usage, sampling.max_tokens)))
+    if chunks.include_usage:
+        await sse.send_json(response, chunks.usage(usage))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+class _Chunks:
+    """OpenAI's response objects for one chat or text completion."""
+
+    def __init__(self, call: _Call, completion_id: str) -> None:
+        self.id = completion_id
+        self.chat = call.chat
+        self.include_usage = call.include_usage
+        created = int(time.time())
+        kinds = (
+            ("chat.completion", "chat.completion.chunk") if call.chat else ("text_completion",) * 2
+        )
+        self._whole_head = {
+            "id": completion_id,
+            "object": kinds[0],
+            "created": created,
+            "model": call.model,
+        }
+        self._chunk_head = {**self._whole_head, "object": kinds[1]}
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        chunk = {**self._chunk_head, "choices": [{"index": 0, **choice}]}
+        if self.include_usage:
+            chunk["usage"] = None  # OpenAI's chunks say so until the usage chunk
+        return chunk
+
+    def delta(self, text: str, first: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return self._chunk({"text": text, "logprobs": None, "finish_reason": None})
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return self._chunk({"delta": delta, "logprobs": None, "finish_reason": None})
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        if not self.chat:
+            return self._chunk({"text": "", "logprobs": None, "finish_reason": reason})
+        return self._chunk({"delta": {}, "logprobs": None, "finish_reason": reason})
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return {**self._chunk_head, "choices": [], "usage": usage.as_json()}
+
+    def whole(self, text: str, reason: str, usage: Usage) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=reason)
+        return {**self._whole_head, "choices": [choice], "usage": usage.as_json()}

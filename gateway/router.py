@@ -1,0 +1,121 @@
+"""Routing: admission and scoring for one request, and the lease it holds while served.
+
+Policy names from the config become ``fastpath.scoring`` policy ids once, at start;
+per request the compiled scorer ranks the model's slots and the compiled admitter
+decides, both in O(1) Python glue around the arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from fastpath import state as S
+from fastpath.admission import Admitter
+from fastpath.scoring import Scorer, affinity_hash
+
+from .config import GatewayConfig, check_policy
+from .errors import BadRequest, Overloaded, Unavailable
+from .fleet import Backend, Fleet
+
+PRIORITY_HEADER = "x-meshgate-priority"
+# Keeps a conversation on one backend under prefix_affinity, instead of the prompt.
+SESSION_HEADER = "x-meshgate-session"
+# Bytes of the prompt (or session id) that decide prefix_affinity's home backend.
+AFFINITY_PREFIX_BYTES = 256
+
+
+def parse_priority(value: str | None) -> int:
+    if value is None:
+        return S.PRIORITY_STANDARD
+    priority = S.PRIORITY_NAMES.get(value.strip().lower())
+    if priority is None:
+        raise BadRequest(
+            f"{PRIORITY_HEADER} must be one of {sorted(S.PRIORITY_NAMES)}, got {value!r}"
+        )
+    return priority
+
+
+class Router:
+    def __init__(self, fleet: Fleet, config: GatewayConfig) -> None:
+        self.fleet = fleet
+        self.scorer = Scorer(config.scoring, fleet.state.array)
+        self.admitter = Admitter(config.admission, model_capacity=config.max_slots)
+        self._default_policy = check_policy(config.policy, "policy")
+        self._policies = {
+            name: check_policy(settings.policy, f"models.{name}.policy")
+            for name, settings in config.models.items()
+            if settings.policy is not None
+        }
+
+    def policy_of(self, model: str) -> int:
+        return self._policies.get(model, self._default_policy)
+
+    def admit(
+        self, model: str, version: str, priority: int, affinity: bytes | None = None
+    ) -> Lease:
+        """Rank the model's slots and admit the request, or raise 429/503."""
+        slots = self.fleet.candidates(model, version)
+        policy = self.policy_of(model)
+        key = 0
+        if policy == S.POLICY_PREFIX_AFFINITY and affinity:
+            key = affinity_hash(affinity, AFFINITY_PREFIX_BYTES)
+        now = time.monotonic()
+        eligible = self.scorer.rank(slots, policy, now, key)
+        model_index = self.fleet.state.model_index[model]
+        code = self.admitter.admit(model_index, priority, eligible, self.scorer.saturated, now)
+        if code == S.ADMIT:
+            return Lease(self, model_index, self.scorer.ranked[:eligible].tolist(), now)
+        if code == S.REFUSE_NO_BACKEND:
+            raise Unavailable(f"no backend has model '{model}' ready")
+        reason = S.REASON_NAMES[code]
+        raise Overloaded(
+            f"model '{model}' is {reason.replace('_', ' ')}; retry later",
+            reason=reason,
+            retry_after=self.admitter.retry_after,
+        )
+
+
+class Lease:
+    """An admitted request's claim on the fleet: the ranked slots to try in order, the
+    in-flight count on the slot in use, and the admission slot, released by ``close``."""
+
+    __slots__ = ("_current", "_model_index", "_router", "_started", "_ttft_recorded", "slots")
+
+    def __init__(self, router: Router, model_index: int, slots: list[int], started: float) -> None:
+        self._router = router
+        self._model_index = model_index
+        self.slots = slots
+        self._started = started
+        self._current = -1
+        self._ttft_recorded = False
+
+    def attempts(self) -> Iterator[Backend]:
+        """The backends to try, best first; in-flight follows the one being tried."""
+        state = self._router.fleet.state
+        for slot in self.slots:
+            self._leave()
+            state.dispatched(slot)
+            self._current = slot
+            yield self._router.fleet.backend_of(slot)
+
+    def first_response(self) -> None:
+        """Record time to first response (first token) on the slot that served it."""
+        if not self._ttft_recorded and self._current >= 0:
+            self._ttft_recorded = True
+            self._router.fleet.state.record_ttft(self._current, time.monotonic() - self._started)
+
+    def close(self) -> None:
+        self._leave()
+        self._router.admitter.release(self._model_index, time.monotonic())
+
+    def _leave(self) -> None:
+        if self._current >= 0:
+            self._router.fleet.state.finished(self._current)
+            self._current = -1
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
