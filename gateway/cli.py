@@ -36,6 +36,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="request_timeout_s",
         help="default per-request deadline in seconds",
     )
+    parser.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        dest="stream_idle_timeout_s",
+        help="cut a stream whose upstream is silent this many seconds (default 30)",
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--policy", help="default routing policy (default hybrid)")
     parser.add_argument(
@@ -61,6 +67,7 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
         discovery_interval_s=args.discovery_interval_s,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
         log_level=args.log_level,
         policy=args.policy,
         scrape_interval_s=args.scrape_interval_s,

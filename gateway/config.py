@@ -63,6 +63,9 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Default per-request deadline, propagated to Triton as the gRPC deadline.
     request_timeout_s: float = 600.0
+    # A stream whose upstream sends nothing for this long (after its first response)
+    # is cut with an explicit error.
+    stream_idle_timeout_s: float = 30.0
     log_level: str = "INFO"
     # Routing policy of models without their own: round_robin, least_queue,
     # power_of_two, hybrid, prefix_affinity.

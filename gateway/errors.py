@@ -109,6 +109,15 @@ class UpstreamError(StatusError):
     type = "upstream_error"
 
 
+class UpstreamStalled(UpstreamError):
+    """A streaming upstream went quiet for longer than the stream idle timeout."""
+
+    type = "upstream_stalled"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 504)
+
+
 class GatewayTimeout(GatewayError):
     status = 504
     type = "timeout"

@@ -3,8 +3,9 @@ first byte, and decoded streaming replies that cancel the gRPC call when abandon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from aiohttp import web
@@ -14,7 +15,7 @@ from fastpath.errors import FramingError
 
 from .api.keys import CONFIG, ROUTER
 from .config import GatewayConfig
-from .errors import BadRequest, UpstreamError
+from .errors import BadRequest, UpstreamError, UpstreamStalled
 from .fleet import Backend
 from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
 from .upstream import is_connection_failure, upstream_error
@@ -23,19 +24,25 @@ T = TypeVar("T")
 TIMEOUT_HEADER = "x-meshgate-timeout-ms"
 
 
-def request_timeout_s(request: web.Request) -> float:
-    """The request's deadline in seconds: its header, else the configured default."""
+class Timeouts(NamedTuple):
+    total: float  # the request's deadline, propagated to Triton as the gRPC deadline
+    idle: float  # longest wait for the next streamed response once one has arrived
+
+
+def request_timeouts(request: web.Request) -> Timeouts:
+    """The request's deadline (its header, else the configured default) and the
+    configured stream idle timeout, in seconds."""
     config: GatewayConfig = request.app[CONFIG]
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
-        return config.request_timeout_s
+        return Timeouts(config.request_timeout_s, config.stream_idle_timeout_s)
     try:
         millis = int(raw)
     except ValueError:
         raise BadRequest(f"{TIMEOUT_HEADER} must be an integer, got {raw!r}") from None
     if millis <= 0:
         raise BadRequest(f"{TIMEOUT_HEADER} must be positive, got {millis}")
-    return millis / 1000.0
+    return Timeouts(millis / 1000.0, config.stream_idle_timeout_s)
 
 
 def admit(request: web.Request, model: str, version: str, affinity: bytes | None) -> Lease:
@@ -82,31 +89,48 @@ def decode_reply(decoder: Callable[[bytes], T], reply: bytes) -> T:
 
 
 async def stream_replies(
-    backend: Backend, wire: bytes, timeout: float
+    backend: Backend, wire: bytes, timeouts: Timeouts
 ) -> AsyncGenerator[Any, None]:
     """Decoded responses of one ModelStreamInfer call; cancels the call when the
-    consumer stops early (client hung up, error), so Triton stops generating."""
-    call = backend.channel.stream(wire, timeout)
+    consumer stops early (client hung up, error), so Triton stops generating.
+
+    Waiting for the first response is bounded by the request's deadline only (it may
+    queue at Triton); after it, a gap longer than ``timeouts.idle`` ends the stream
+    with UpstreamStalled."""
+    call = backend.channel.stream(wire, timeouts.total)
+    messages = aiter(call)
+    started = False
     try:
-        async for message in call:
+        while True:
+            try:
+                async with asyncio.timeout(timeouts.idle if started else None):
+                    message = await anext(messages)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamStalled(
+                    f"upstream stream stalled: no response from backend {backend.id} "
+                    f"for {timeouts.idle:g} s"
+                ) from None
             error, reply = decode_reply(grpc_wire.decode_stream_response, message)
             if error:
                 raise UpstreamError(error, 400)
             if reply is not None and reply.outputs:
+                started = True
                 yield reply
     finally:
         call.cancel()
 
 
 async def open_stream(
-    lease: Lease, wire_for: Callable[[Backend], bytes], timeout: float
+    lease: Lease, wire_for: Callable[[Backend], bytes], timeouts: Timeouts
 ) -> tuple[Any, AsyncGenerator[Any, None]]:
     """Start a streaming call with failover until its first reply (nothing has reached
     the client before it). Returns that reply and the rest; the caller must ``aclose``
     the rest, which cancels the call."""
 
     async def first_reply(backend: Backend) -> tuple[Any, AsyncGenerator[Any, None]]:
-        replies = stream_replies(backend, wire_for(backend), timeout)
+        replies = stream_replies(backend, wire_for(backend), timeouts)
         try:
             return await anext(replies), replies
         except StopAsyncIteration:

@@ -21,7 +21,7 @@ from ..forward import (
     any_backend,
     decode_reply,
     open_stream,
-    request_timeout_s,
+    request_timeouts,
     stream_replies,
     with_failover,
 )
@@ -140,7 +140,7 @@ async def infer(request: web.Request) -> web.Response:
         body, request.headers.get("Inference-Header-Content-Length")
     )
     call = codec.encode_infer(model, version, header, tail)
-    timeout = request_timeout_s(request)
+    timeout = request_timeouts(request).total
     with admit(request, model, version, None) as lease:
         reply = await with_failover(lease, lambda b: b.channel.infer(call.wire, timeout))
         lease.first_response()
@@ -177,14 +177,14 @@ class _Generate:
 
 async def generate(request: web.Request) -> web.Response:
     gen = _Generate(request, codec.parse_json(await request.read()))
-    timeout = request_timeout_s(request)
+    timeouts = request_timeouts(request)
 
     async def one_reply(backend: Backend) -> Any:
         wire = gen.wire_for(backend)
         if not gen.info(backend).decoupled:
-            reply = await backend.channel.infer(wire, timeout)
+            reply = await backend.channel.infer(wire, timeouts.total)
             return decode_reply(grpc_wire.decode_infer_response, reply)
-        replies = [r async for r in stream_replies(backend, wire, timeout)]
+        replies = [r async for r in stream_replies(backend, wire, timeouts)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
@@ -199,9 +199,8 @@ async def generate(request: web.Request) -> web.Response:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     gen = _Generate(request, codec.parse_json(await request.read()))
-    timeout = request_timeout_s(request)
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
-        first, rest = await open_stream(lease, gen.wire_for, timeout)
+        first, rest = await open_stream(lease, gen.wire_for, request_timeouts(request))
         lease.first_response()
         try:
             response = await sse.open_stream(request)

@@ -25,7 +25,7 @@ from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
 from ..config import GatewayConfig
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fleet import Backend, Fleet
-from ..forward import admit, open_stream, request_timeout_s
+from ..forward import admit, open_stream, request_timeouts
 from ..openai_profiles import (
     ReplyReader,
     Sampling,
@@ -275,7 +275,7 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         return profile_for(info, configured).encode(info, sampling, chunks.id)
 
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
-        first, rest = await open_stream(lease, wire_for, request_timeout_s(request))
+        first, rest = await open_stream(lease, wire_for, request_timeouts(request))
         lease.first_response()
         try:
             if call.stream:

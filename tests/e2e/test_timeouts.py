@@ -1,0 +1,77 @@
+"""Deadlines and stalled streams, against a real Triton whose model is slowed down."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.local_triton import TritonFleet
+from tests.conftest import free_port_base
+from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, start_gateway, stop_gateway
+
+pytestmark = pytest.mark.e2e
+
+MS_PER_TOKEN = 1500
+IDLE_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(run_dir: Path) -> Iterator[Gateway]:
+    repository = run_dir / "slow-repository"
+    shutil.copytree(MODEL_REPOSITORY / "tiny_lm", repository / "tiny_lm")
+    config = repository / "tiny_lm" / "config.pbtxt"
+    text = config.read_text()
+    assert 'string_value: "5"' in text
+    config.write_text(text.replace('string_value: "5"', f'string_value: "{MS_PER_TOKEN}"'))
+    fleet = TritonFleet(
+        count=1,
+        port_base=free_port_base(10),
+        model_repository=repository,
+        log_dir=run_dir / "slow-triton",
+    )
+    with fleet:
+        server = fleet.servers[0]
+        gw = start_gateway(
+            [f"grpc://{server.grpc_url}"],
+            run_dir / "slow-gateway.log",
+            "--stream-idle-timeout",
+            str(IDLE_TIMEOUT_S),
+        )
+        yield gw
+        stop_gateway(gw)
+
+
+async def test_request_deadline_is_504_before_first_byte(slow_gateway: Gateway) -> None:
+    body = {"text_input": "We the People", "max_tokens": 2, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            slow_gateway.url + "/v2/models/tiny_lm/generate_stream",
+            json=body,
+            headers={"x-meshgate-timeout-ms": "300"},
+        ) as r:
+            assert r.status == 504
+            assert (await r.json())["type"] == "timeout"
+
+
+async def test_stalled_stream_is_cut_with_an_explicit_error(slow_gateway: Gateway) -> None:
+    # The first token may take its time (it is bounded by the deadline only); the
+    # second is 1.5 s later, three times the idle timeout.
+    body = {"text_input": "We the People", "max_tokens": 3, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            slow_gateway.url + "/v2/models/tiny_lm/generate_stream", json=body
+        ) as r:
+            assert r.status == 200
+            events = [
+                json.loads(line[len(b"data: ") :])
+                async for line in r.content
+                if line.startswith(b"data: ")
+            ]
+    assert "text_output" in events[0]
+    assert "stalled" in events[-1]["error"]
+    assert len(events) == 2
