@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .api import admin, kserve, openai
-from .api.keys import CONFIG, FLEET, ROUTER
+from .api.keys import CONFIG, FLEET, LIFECYCLE, ROUTER, Lifecycle
 from .config import GatewayConfig
-from .errors import GatewayError, NotFound, PayloadTooLarge, StatusError
+from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
 from .router import Router
 from .signals import SignalPlane
@@ -32,6 +32,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return error_response(request, _from_http_exception(exc))
+    except web.RequestPayloadError as exc:
+        # The body could not be read as sent, e.g. a Content-Encoding that does not decode.
+        return error_response(request, BadRequest(f"unreadable request body: {exc}"))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -62,19 +65,32 @@ def create_app(config: GatewayConfig) -> web.Application:
     fleet = Fleet(config)
     signals = SignalPlane(fleet, config)
     app[FLEET] = fleet
-    app[ROUTER] = Router(fleet, config)
+    router = Router(fleet, config)
+    app[ROUTER] = router
+    lifecycle = Lifecycle()
+    app[LIFECYCLE] = lifecycle
     kserve.add_routes(app)
     openai.add_routes(app)
     admin.add_routes(app)
+    stop = asyncio.Event()
+    background: list[asyncio.Task[None]] = []
 
     async def start_planes(app: web.Application) -> None:
         await fleet.start()
         await signals.start()
+        background.append(asyncio.create_task(router.outliers.run(stop), name="health-checks"))
 
     async def close_planes(app: web.Application) -> None:
+        stop.set()
+        await asyncio.gather(*background, return_exceptions=True)
         await signals.close()
         await fleet.close()
 
+    async def start_draining(app: web.Application) -> None:
+        # The listener is already closed; in-flight requests get drain_timeout_s.
+        lifecycle.draining = True
+
     app.on_startup.append(start_planes)
+    app.on_shutdown.append(start_draining)
     app.on_cleanup.append(close_planes)
     return app

@@ -77,7 +77,7 @@ def template_messages(value: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role == "developer":
             role = "system"
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise BadRequest(
                 f"{where}.role must be one of 'system', 'developer', 'user', 'assistant',"
                 f" got {role!r} (tools are not supported)",

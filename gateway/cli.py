@@ -42,6 +42,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="stream_idle_timeout_s",
         help="cut a stream whose upstream is silent this many seconds (default 30)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        dest="drain_timeout_s",
+        help="on SIGTERM, seconds in-flight requests may take to finish (default 30)",
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--policy", help="default routing policy (default hybrid)")
     parser.add_argument(
@@ -68,6 +74,7 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
         log_level=args.log_level,
         policy=args.policy,
         scrape_interval_s=args.scrape_interval_s,
@@ -89,6 +96,7 @@ def run_gateway(config: GatewayConfig) -> None:
         loop=uvloop.new_event_loop(),
         # A client that hangs up cancels its handler, and with it the upstream gRPC call.
         handler_cancellation=True,
+        shutdown_timeout=config.drain_timeout_s,
         access_log=None,
         print=lambda msg: logging.getLogger("meshgate").info(
             "gateway listening on http://%s:%d with %d backends",

@@ -42,6 +42,18 @@ class BackendSpec:
 
 
 @dataclass(frozen=True)
+class OutlierConfig:
+    """Outlier ejection (see gateway/outliers.py); the ``[outlier]`` table."""
+
+    consecutive_failures: int = 5  # failures in a row that eject a backend
+    base_ejection_s: float = 30.0  # first ejection; the n-th lasts n times this
+    max_ejection_s: float = 300.0  # cap of one ejection
+    max_ejected_fraction: float = 0.5  # never eject more than this share of the fleet
+    health_check_interval_s: float = 1.0  # ServerReady probes of ejected backends
+    reentry_weight: float = 0.25  # traffic share right after return; doubles per interval
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """Per-model options from the config file's ``[models.NAME]`` tables."""
 
@@ -66,6 +78,8 @@ class GatewayConfig:
     # A stream whose upstream sends nothing for this long (after its first response)
     # is cut with an explicit error.
     stream_idle_timeout_s: float = 30.0
+    # On SIGTERM: stop accepting, then let in-flight requests finish for this long.
+    drain_timeout_s: float = 30.0
     log_level: str = "INFO"
     # Routing policy of models without their own: round_robin, least_queue,
     # power_of_two, hybrid, prefix_affinity.
@@ -78,6 +92,7 @@ class GatewayConfig:
     max_slots: int = 1024
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
     models: dict[str, ModelSettings] = field(default_factory=dict)
 
     def model_settings(self, model: str) -> ModelSettings:
@@ -111,7 +126,8 @@ def load_config(path: Path | None) -> GatewayConfig:
     backends = parse_backends(
         [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])]
     )
-    known = set(GatewayConfig.__dataclass_fields__) - {"backends", "models", "scoring", "admission"}
+    tables = {"backends", "models", "scoring", "admission", "outlier"}
+    known = set(GatewayConfig.__dataclass_fields__) - tables
     unknown = set(gateway) - known
     if unknown:
         raise ConfigError(f"config {path}: unknown [gateway] keys {sorted(unknown)}")
@@ -121,10 +137,16 @@ def load_config(path: Path | None) -> GatewayConfig:
     try:
         scoring = ScoringConfig(**data.get("scoring", {}))
         admission = AdmissionConfig(**data.get("admission", {}))
+        outlier = OutlierConfig(**data.get("outlier", {}))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config {path}: {exc}") from exc
     return GatewayConfig(
-        backends=backends, models=models, scoring=scoring, admission=admission, **gateway
+        backends=backends,
+        models=models,
+        scoring=scoring,
+        admission=admission,
+        outlier=outlier,
+        **gateway,
     )
 
 

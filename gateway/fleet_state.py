@@ -89,6 +89,12 @@ class FleetState:
     def set_ready(self, slot: int, ready: bool) -> None:
         self.array[slot, S.READY] = 1.0 if ready else 0.0
 
+    def set_circuit(self, backend_id: str, *, open: bool, weight: float) -> None:
+        """Outlier ejection: an open circuit takes the backend out; weight < 1 ramps it in."""
+        for slot in self.slots_of(backend_id):
+            self.array[slot, S.CIRCUIT_OPEN] = 1.0 if open else 0.0
+            self.array[slot, S.WEIGHT] = weight
+
     def set_draining(self, backend_id: str, draining: bool) -> None:
         for slot in self.slots_of(backend_id):
             self.array[slot, S.DRAINING] = 1.0 if draining else 0.0

@@ -63,10 +63,19 @@ async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]]) -
     retries = min(len(lease.slots), 2)
     for attempt, backend in enumerate(lease.attempts()):
         try:
-            return await call(backend)
+            result = await call(backend)
         except grpc.aio.AioRpcError as exc:
-            if not (attempt + 1 < retries and is_connection_failure(exc)):
+            if not is_connection_failure(exc):
                 raise upstream_error(exc) from None
+            lease.backend_failed()
+            if attempt + 1 >= retries:
+                raise upstream_error(exc) from None
+        except UpstreamStalled:
+            lease.backend_failed()
+            raise
+        else:
+            lease.backend_ok()
+            return result
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -139,4 +148,24 @@ async def open_stream(
             await replies.aclose()
             raise
 
-    return await with_failover(lease, first_reply)
+    first, rest = await with_failover(lease, first_reply)
+    return first, _reporting_failures(lease, rest)
+
+
+async def _reporting_failures(
+    lease: Lease, replies: AsyncGenerator[Any, None]
+) -> AsyncGenerator[Any, None]:
+    """The rest of a stream; a backend failure after the first reply still counts
+    against the backend (outlier ejection), though nothing can be retried then."""
+    try:
+        async for reply in replies:
+            yield reply
+    except grpc.aio.AioRpcError as exc:
+        if is_connection_failure(exc):
+            lease.backend_failed()
+        raise
+    except UpstreamStalled:
+        lease.backend_failed()
+        raise
+    finally:
+        await replies.aclose()

@@ -17,6 +17,7 @@ from fastpath.scoring import Scorer, affinity_hash
 from .config import GatewayConfig, check_policy
 from .errors import BadRequest, Overloaded, Unavailable
 from .fleet import Backend, Fleet
+from .outliers import OutlierDetector
 
 PRIORITY_HEADER = "x-meshgate-priority"
 # Keeps a conversation on one backend under prefix_affinity, instead of the prompt.
@@ -41,6 +42,7 @@ class Router:
         self.fleet = fleet
         self.scorer = Scorer(config.scoring, fleet.state.array)
         self.admitter = Admitter(config.admission, model_capacity=config.max_slots)
+        self.outliers = OutlierDetector(fleet, config.outlier)
         self._default_policy = check_policy(config.policy, "policy")
         self._policies = {
             name: check_policy(settings.policy, f"models.{name}.policy")
@@ -98,6 +100,16 @@ class Lease:
             state.dispatched(slot)
             self._current = slot
             yield self._router.fleet.backend_of(slot)
+
+    def backend_ok(self) -> None:
+        """The backend being tried answered: its consecutive-failure count resets."""
+        if self._current >= 0:
+            self._router.outliers.succeeded(self._router.fleet.state.slot_keys[self._current][0])
+
+    def backend_failed(self) -> None:
+        """The backend being tried failed as a backend (unreachable, stalled)."""
+        if self._current >= 0:
+            self._router.outliers.failed(self._router.fleet.state.slot_keys[self._current][0])
 
     def first_response(self) -> None:
         """Record time to first response (first token) on the slot that served it."""

@@ -46,7 +46,7 @@ def check_shape(name: str, shape: Any) -> list[int]:
 
 
 def check_datatype(name: str, datatype: Any) -> str:
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadRequest(f"input '{name}': unknown datatype {datatype!r}")
     return str(datatype)
 

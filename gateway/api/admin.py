@@ -76,7 +76,10 @@ async def fleet_view(request: web.Request) -> web.Response:
             "saturated": router.scorer.saturated,
             "inflight": router.admitter.inflight(fleet.state.model_index[model]),
         }
-    return _json({"backends": fleet.describe(now), "models": models})
+    backends = fleet.describe(now)
+    for backend in backends:
+        backend["outlier"] = router.outliers.describe(backend["id"])
+    return _json({"backends": backends, "models": models})
 
 
 async def ingest_deltas(request: web.Request) -> web.Response:

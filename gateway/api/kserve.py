@@ -27,7 +27,7 @@ from ..forward import (
 )
 from ..protojson import message_to_dict
 from ..upstream import upstream_error
-from .keys import FLEET
+from .keys import FLEET, LIFECYCLE
 
 T = TypeVar("T")
 _JSON = "application/json"
@@ -67,9 +67,11 @@ async def health_live(request: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return _json({"error": "the gateway is shutting down", "type": "draining"}, status=503)
     if request.app[FLEET].ready:
         return web.Response(status=200)
-    return _json({"error": "no backend is ready", "type": "unavailable"}, status=503)
+    return _json({"error": "no backend is ready", "type": "no_backend"}, status=503)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
