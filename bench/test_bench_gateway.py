@@ -1,64 +1,109 @@
-"""Latency through the gateway vs straight to Triton, measured in the same run.
+"""Latency through the gateway vs nginx vs straight to Triton, measured in one run.
 
-Both targets are driven by the same keep-alive ``http.client`` connection type, so the
-difference between a pair of rows is what the gateway adds. Run with
-``make bench`` or ``pytest bench/test_bench_gateway.py --benchmark-only``; compare the
-``gateway`` and ``direct`` rows of each group (pytest-benchmark prints them together).
+Every target fronts the same single Triton server (server 0 of the session fleet), and
+all are driven by the same keep-alive ``http.client`` connection, so the difference
+between rows of a group is what the proxy adds. Each proxy's CPU time per request
+(user + system, from /proc, over the measured rounds) is recorded in ``extra_info``
+and printed. Run with ``make bench`` or
+``pytest bench/test_bench_gateway.py --benchmark-only``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.peers import NginxPeer
 from gateway.local_triton import TritonFleet
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, start_gateway, stop_gateway
 
-TARGETS = ["direct", "gateway"]
+TARGETS = ["direct", "nginx", "gateway"]
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    pid: int | None  # the proxy's process, whose CPU time is measured; None: direct
+
+    def cpu_seconds(self) -> float:
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+@pytest.fixture(scope="module")
+def single_gateway(triton_fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
+    gw = start_gateway(
+        [triton_fleet.servers[0].backend_url],
+        run_dir / "bench-gateway.log",
+        "--max-body-bytes",
+        str(64 * 2**20),
+    )
+    yield gw
+    stop_gateway(gw)
+
+
+@pytest.fixture(scope="module")
+def nginx(triton_fleet: TritonFleet, run_dir: Path) -> Iterator[NginxPeer]:
+    upstream = f"127.0.0.1:{triton_fleet.servers[0].http_port}"
+    with NginxPeer([upstream], ["round_robin"], run_dir / "bench-nginx") as peer:
+        yield peer
 
 
 @pytest.fixture(params=TARGETS)
-def target(request: pytest.FixtureRequest, gateway: Gateway, triton_fleet: TritonFleet) -> str:
+def target(
+    request: pytest.FixtureRequest,
+    triton_fleet: TritonFleet,
+    single_gateway: Gateway,
+    nginx: NginxPeer,
+) -> Target:
     if request.param == "gateway":
-        return gateway.host_port
-    return f"127.0.0.1:{triton_fleet.servers[0].http_port}"
+        return Target(
+            "127.0.0.1", int(single_gateway.url.rsplit(":", 1)[1]), single_gateway.process.pid
+        )
+    if request.param == "nginx":
+        assert nginx._process is not None
+        return Target("127.0.0.1", nginx.ports["round_robin"], nginx._process.pid)
+    return Target("127.0.0.1", triton_fleet.servers[0].http_port, None)
 
 
 @pytest.fixture
-def connection(target: str) -> Iterator[http.client.HTTPConnection]:
-    host, port = target.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+def connection(target: Target) -> Iterator[http.client.HTTPConnection]:
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=60)
     yield conn
     conn.close()
 
 
-def _binary_infer_body() -> tuple[bytes, dict[str, str]]:
-    tensor = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32).tobytes()
+def binary_infer_body(
+    model: str, inputs: list[tuple[str, str, list[int], bytes]], outputs: list[str]
+) -> tuple[bytes, dict[str, str]]:
     header = json.dumps(
         {
             "inputs": [
-                {
-                    "name": "INPUT",
-                    "datatype": "FP32",
-                    "shape": [1, 384],
-                    "parameters": {"binary_data_size": len(tensor)},
-                }
+                {"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                for n, d, s, b in inputs
             ],
-            "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": True}}],
+            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
         }
     ).encode()
     headers = {
         "Inference-Header-Content-Length": str(len(header)),
         "Content-Type": "application/octet-stream",
     }
-    return header + tensor, headers
+    return header + b"".join(b for *_, b in inputs), headers
 
 
-def _post(
+def post(
     conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]
 ) -> bytes:
     conn.request("POST", path, body=body, headers=headers)
@@ -69,25 +114,44 @@ def _post(
     return data
 
 
+def measure(
+    benchmark: Callable[..., object],
+    target: Target,
+    rounds: int,
+    fn: Callable[..., object],
+    *args: object,
+) -> None:
+    fn(*args)  # warm the connection and the model
+    cpu_before = target.cpu_seconds()
+    benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=0)  # type: ignore[attr-defined]
+    if target.pid is not None:
+        per_request = (target.cpu_seconds() - cpu_before) / rounds
+        benchmark.extra_info["proxy_cpu_us_per_request"] = round(per_request * 1e6, 1)  # type: ignore[attr-defined]
+
+
 @pytest.mark.benchmark(group="infer 1x384 FP32 binary")
 def test_infer_small_binary(
-    benchmark: Callable[..., object], connection: http.client.HTTPConnection
+    benchmark: Callable[..., object], target: Target, connection: http.client.HTTPConnection
 ) -> None:
-    body, headers = _binary_infer_body()
-    _post(connection, "/v2/models/embed/infer", body, headers)  # warm the connection
-    benchmark.pedantic(  # type: ignore[attr-defined]
-        _post,
-        args=(connection, "/v2/models/embed/infer", body, headers),
-        rounds=300,
-        warmup_rounds=20,
-    )
+    tensor = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32).tobytes()
+    body, headers = binary_infer_body("embed", [("INPUT", "FP32", [1, 384], tensor)], ["OUTPUT"])
+    measure(benchmark, target, 1000, post, connection, "/v2/models/embed/infer", body, headers)
 
 
-def _first_event(target: str) -> bytes:
-    """Open a generate_stream of one token and return its first SSE event; one token
-    keeps the tail of the stream (read after the event) negligible."""
-    host, port = target.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+@pytest.mark.benchmark(group="infer 4 MiB BYTES binary")
+def test_infer_4mib_binary(
+    benchmark: Callable[..., object], target: Target, connection: http.client.HTTPConnection
+) -> None:
+    element = os.urandom(4 * 2**20)
+    tensor = len(element).to_bytes(4, "little") + element
+    body, headers = binary_infer_body("tokenize", [("TEXT", "BYTES", [1], tensor)], ["ECHO"])
+    measure(benchmark, target, 40, post, connection, "/v2/models/tokenize/infer", body, headers)
+
+
+def first_event(target: Target) -> bytes:
+    """Open a one-token generate_stream and return its first SSE event; one token keeps
+    the tail of the stream (read after the event) negligible."""
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=30)
     try:
         body = json.dumps({"text_input": "We hold these truths", "max_tokens": 1, "stream": True})
         conn.request(
@@ -109,5 +173,5 @@ def _first_event(target: str) -> bytes:
 
 
 @pytest.mark.benchmark(group="generate_stream time to first event")
-def test_generate_stream_first_event(benchmark: Callable[..., object], target: str) -> None:
-    benchmark.pedantic(_first_event, args=(target,), rounds=60, warmup_rounds=5)  # type: ignore[attr-defined]
+def test_generate_stream_first_event(benchmark: Callable[..., object], target: Target) -> None:
+    measure(benchmark, target, 100, first_event, target)

@@ -62,6 +62,20 @@ REASON_NAMES: dict[int, str] = {
     REFUSE_NO_BACKEND: "no_backend",
 }
 
+# The two token buckets of each tenant (fastpath.tenants), indexing its per-bucket arrays.
+BUCKET_REQUESTS = 0  # one unit per request; refills at requests_per_second
+BUCKET_TOKENS = 1  # one unit per generated token; refills at tokens_per_minute / 60
+
+# Tenant limiter results (fastpath.tenants): ADMIT, or which of the tenant's limits refused.
+REFUSE_TENANT_RATE = 4  # the requests-per-second bucket is empty
+REFUSE_TENANT_TOKENS = 5  # the tokens-per-minute bucket is empty (spent by earlier requests)
+REFUSE_TENANT_CONCURRENCY = 6  # the tenant's concurrent-request limit is reached
+TENANT_REASON_NAMES: dict[int, str] = {
+    REFUSE_TENANT_RATE: "tenant_rate_limit",
+    REFUSE_TENANT_TOKENS: "tenant_token_limit",
+    REFUSE_TENANT_CONCURRENCY: "tenant_concurrency",
+}
+
 
 def new_state(capacity: int) -> np.ndarray:
     """A state array of ``capacity`` empty slots: not ready, never signalled, weight 1."""

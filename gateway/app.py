@@ -10,11 +10,15 @@ from aiohttp import web
 
 from .api import admin, kserve, openai
 from .api.keys import CONFIG, FLEET, LIFECYCLE, ROUTER, Lifecycle
+from .auth import TENANTS, Tenants, add_rate_headers, authenticate
 from .config import GatewayConfig
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
+from .metrics import Metrics
 from .router import Router
 from .signals import SignalPlane
+from .telemetry import TELEMETRY, Telemetry, echo_request_id, observe
+from .tracing import tracing_from_config
 
 log = logging.getLogger("meshgate.app")
 
@@ -42,6 +46,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(request, GatewayError("internal gateway error"))
 
 
+@web.middleware
+async def limit_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """431 when the headers together exceed max_header_bytes (aiohttp bounds each line)."""
+    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    limit = request.app[CONFIG].max_header_bytes
+    if size > limit:
+        raise StatusError(f"request headers are {size} bytes, over the limit of {limit}", 431)
+    return await handler(request)
+
+
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     """The JSON error in the dialect of the surface that was called."""
     body = exc.openai_body() if request.path.startswith("/v1/") else exc.body()
@@ -60,8 +74,15 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 
 def create_app(config: GatewayConfig) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
+    tracing = tracing_from_config(config)
+    # observe is outermost: it sees the status json_errors answered with.
+    app = web.Application(
+        middlewares=[observe, json_errors, limit_headers, authenticate],
+        client_max_size=config.max_body_bytes,
+    )
     app[CONFIG] = config
+    app[TENANTS] = Tenants(config.tenants, config.probe_token)
+    app.on_response_prepare.append(add_rate_headers)
     fleet = Fleet(config)
     signals = SignalPlane(fleet, config)
     app[FLEET] = fleet
@@ -69,6 +90,11 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[ROUTER] = router
     lifecycle = Lifecycle()
     app[LIFECYCLE] = lifecycle
+    metrics = Metrics(fleet, router.outliers) if config.metrics else None
+    app[TELEMETRY] = Telemetry(metrics, tracing)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics.handle)
+    app.on_response_prepare.append(echo_request_id)
     kserve.add_routes(app)
     openai.add_routes(app)
     admin.add_routes(app)
@@ -85,6 +111,7 @@ def create_app(config: GatewayConfig) -> web.Application:
         await asyncio.gather(*background, return_exceptions=True)
         await signals.close()
         await fleet.close()
+        await asyncio.to_thread(tracing.shutdown)  # flushes batched spans over the network
 
     async def start_draining(app: web.Application) -> None:
         # The listener is already closed; in-flight requests get drain_timeout_s.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from adapters.gpu import TOKEN_ENV as ADMIN_TOKEN_ENV
 
 from . import local_triton
 from .app import create_app
+from .auth import hash_key_command
 from .config import ConfigError, GatewayConfig, load_config, parse_backends
+from .logs import setup_logging
+from .tracing import EXPORTERS
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +32,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         dest="discovery_interval_s",
         help="seconds between fleet discovery passes (default 2)",
+    )
+    parser.add_argument(
+        "--dns-interval",
+        type=float,
+        dest="dns_interval_s",
+        help="seconds between re-resolutions of dns+grpc:// backends (default 5)",
     )
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 64 MiB)")
     parser.add_argument(
@@ -49,6 +59,20 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds in-flight requests may take to finish (default 30)",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        help="Prometheus metrics at /metrics (default on)",
+    )
+    parser.add_argument("--trace-exporter", choices=EXPORTERS, help="where spans go (default none)")
+    parser.add_argument(
+        "--trace-endpoint", help="OTLP/HTTP traces URL (with --trace-exporter otlp)"
+    )
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        help="share of new traces recorded, 0..1 (default 1); a sampled traceparent is followed",
+    )
     parser.add_argument("--policy", help="default routing policy (default hybrid)")
     parser.add_argument(
         "--scrape-interval",
@@ -65,17 +89,24 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayConfig:
     config = load_config(args.config)
-    backends = parse_backends(backend_urls) if backend_urls else None
+    # Backends on the command line replace the config file's, fixed and DNS alike.
+    backends, dns_backends = parse_backends(backend_urls) if backend_urls else (None, None)
     return config.with_overrides(
         host=args.host,
         port=args.port,
         backends=backends,
+        dns_backends=dns_backends,
         discovery_interval_s=args.discovery_interval_s,
+        dns_interval_s=args.dns_interval_s,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         drain_timeout_s=args.drain_timeout_s,
         log_level=args.log_level,
+        metrics=args.metrics,
+        trace_exporter=args.trace_exporter,
+        trace_endpoint=args.trace_endpoint,
+        trace_sample_ratio=args.trace_sample_ratio,
         policy=args.policy,
         scrape_interval_s=args.scrape_interval_s,
         admin_token=args.admin_token,
@@ -84,25 +115,57 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
 
 def run_gateway(config: GatewayConfig) -> None:
     """Serve until SIGINT/SIGTERM on a uvloop event loop."""
-    if not config.backends:
-        raise ConfigError("no backends: pass --backend grpc://HOST:PORT or list them in --config")
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if not config.backends and not config.dns_backends:
+        raise ConfigError(
+            "no backends: pass --backend grpc://HOST:PORT (or dns+grpc://NAME:PORT)"
+            " or list them in --config"
+        )
+    app = create_app(config)  # a bad telemetry setting fails here, before logging starts
+    listener = setup_logging(config.log_level)
+    try:
+        _run_app(app, config)
+    finally:
+        listener.stop()  # writes what is still queued
+
+
+def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The HTTPS listener's context from tls_cert/tls_key, or None for plain HTTP."""
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("tls_cert and tls_key must be set together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert/tls_key: {exc}") from exc
+    return context
+
+
+def _run_app(app: web.Application, config: GatewayConfig) -> None:
+    ssl_context = _ssl_context(config)
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
+        ssl_context=ssl_context,
+        # aiohttp's parser bounds each header line; limit_headers bounds them together.
+        # (These go to each RequestHandler; a kwarg it does not know would make aiohttp
+        # silently drop every handler option, handler_cancellation included.)
+        max_line_size=config.max_header_bytes,
+        max_field_size=config.max_header_bytes,
         loop=uvloop.new_event_loop(),
         # A client that hangs up cancels its handler, and with it the upstream gRPC call.
         handler_cancellation=True,
         shutdown_timeout=config.drain_timeout_s,
         access_log=None,
         print=lambda msg: logging.getLogger("meshgate").info(
-            "gateway listening on http://%s:%d with %d backends",
+            "gateway listening on %s://%s:%d with %d backends and %d DNS names",
+            "https" if ssl_context else "http",
             config.host,
             config.port,
             len(config.backends),
+            len(config.dns_backends),
         ),
     )
 
@@ -125,7 +188,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"meshgate up: error: {exc}", file=sys.stderr)
         return 2
     try:
-        urls = [f"grpc://{s.grpc_url}?metrics={s.metrics_url}" for s in fleet.servers]
+        urls = [s.backend_url for s in fleet.servers]
         config = _serve_config(args, urls)
         for server in fleet.servers:
             print(
@@ -151,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         action="append",
         default=[],
-        help="grpc://HOST:PORT[?metrics=URL][&id=NAME], repeatable",
+        help="grpc://HOST:PORT[?metrics=URL][&http=HOST:PORT][&id=NAME], or"
+        " dns+grpc://NAME:PORT[?metrics_port=P][&http_port=P] (one backend per address);"
+        " repeatable",
     )
     _add_serve_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
@@ -167,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", type=Path, default=Path(".run/triton"))
     _add_serve_arguments(up)
     up.set_defaults(run=_cmd_up)
+
+    key = commands.add_parser("key", help="API key helpers")
+    key_commands = key.add_subparsers(dest="key", required=True)
+    key_hash = key_commands.add_parser(
+        "hash", help="read an API key on stdin, print its key_sha256 for [tenants.NAME]"
+    )
+    key_hash.set_defaults(run=hash_key_command)
 
     adapter = commands.add_parser("adapter", help="run a signal adapter as a sidecar")
     adapters = adapter.add_subparsers(dest="adapter", required=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from fastpath.admission import AdmissionConfig
 from fastpath.scoring import ScoringConfig
 from fastpath.state import POLICY_NAMES
+from fastpath.tenants import TenantLimits
+
+if TYPE_CHECKING:
+    from .discovery import Resolver
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -26,10 +30,13 @@ class BackendSpec:
     id: str
     grpc_target: str
     metrics_url: str | None = None
+    # Triton's HTTP endpoint ("HOST:PORT"): unary infer is forwarded there as-is,
+    # which costs far less per request than a grpc.aio call (bench/README.md).
+    http_target: str | None = None
 
     @classmethod
     def parse(cls, url: str, default_id: str) -> BackendSpec:
-        """Parse ``grpc://HOST:PORT[?metrics=URL][&id=NAME]``."""
+        """Parse ``grpc://HOST:PORT[?metrics=URL][&http=HOST:PORT][&id=NAME]``."""
         parts = urlsplit(url if "://" in url else f"grpc://{url}")
         if parts.scheme != "grpc":
             raise ConfigError(f"backend {url!r}: expected scheme grpc://, got {parts.scheme}://")
@@ -38,7 +45,72 @@ class BackendSpec:
         query = parse_qs(parts.query)
         metrics = query.get("metrics", [None])[0]
         backend_id = query.get("id", [default_id])[0] or default_id
-        return cls(id=backend_id, grpc_target=f"{parts.hostname}:{parts.port}", metrics_url=metrics)
+        return cls(
+            id=backend_id,
+            grpc_target=f"{parts.hostname}:{parts.port}",
+            metrics_url=metrics,
+            http_target=query.get("http", [None])[0],
+        )
+
+
+DNS_SCHEME = "dns+grpc"
+
+
+@dataclass(frozen=True)
+class DnsBackendSpec:
+    """A DNS name whose every address is one Triton server (a Kubernetes headless
+    Service), re-resolved every ``dns_interval_s`` by ``gateway/discovery.py``."""
+
+    name: str
+    port: int  # gRPC
+    metrics_port: int | None = None
+    http_port: int | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> DnsBackendSpec:
+        """Parse ``dns+grpc://NAME:PORT[?metrics_port=PORT][&http_port=PORT]``."""
+        parts = urlsplit(url)
+        if parts.scheme != DNS_SCHEME or not parts.hostname or parts.port is None:
+            raise ConfigError(f"backend {url!r}: expected {DNS_SCHEME}://NAME:PORT")
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"metrics_port", "http_port"}
+        if unknown:
+            raise ConfigError(f"backend {url!r}: unknown parameters {sorted(unknown)}")
+        return cls(
+            parts.hostname,
+            parts.port,
+            metrics_port=_port_parameter(url, query, "metrics_port"),
+            http_port=_port_parameter(url, query, "http_port"),
+        )
+
+    def backend(self, address: str, port: int) -> BackendSpec:
+        """The backend at one resolved (address, gRPC port).
+
+        Its id is ``NAME@ADDRESS``, or ``NAME@ADDRESS:PORT`` when the resolver answered
+        another port than the name's (SRV-style), which keeps ids unique. Metrics and
+        HTTP ports keep the name's distance from the gRPC port."""
+        host = f"[{address}]" if ":" in address else address  # IPv6 in a target
+        backend_id = f"{self.name}@{address}" if port == self.port else f"{self.name}@{host}:{port}"
+        shift = port - self.port
+        return BackendSpec(
+            id=backend_id,
+            grpc_target=f"{host}:{port}",
+            metrics_url=(
+                f"http://{host}:{self.metrics_port + shift}/metrics"
+                if self.metrics_port is not None
+                else None
+            ),
+            http_target=f"{host}:{self.http_port + shift}" if self.http_port is not None else None,
+        )
+
+
+def _port_parameter(url: str, query: dict[str, list[str]], key: str) -> int | None:
+    value = query.get(key, [None])[0]
+    if value is None:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"backend {url!r}: {key} must be a port number, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -70,6 +142,11 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     backends: tuple[BackendSpec, ...] = field(default_factory=tuple)
+    # Names whose addresses are backends, re-resolved every dns_interval_s (dns+grpc://).
+    dns_backends: tuple[DnsBackendSpec, ...] = field(default_factory=tuple)
+    dns_interval_s: float = 5.0
+    # How dns_backends are resolved; None: the system resolver. Set by code (tests), not files.
+    resolver: Resolver | None = None
     # How often the fleet's repository index and readiness are re-read.
     discovery_interval_s: float = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -81,6 +158,15 @@ class GatewayConfig:
     # On SIGTERM: stop accepting, then let in-flight requests finish for this long.
     drain_timeout_s: float = 30.0
     log_level: str = "INFO"
+    # Prometheus metrics at GET /metrics; off skips their per-request updates too.
+    metrics: bool = True
+    # Where spans go: "none" (no tracing; an incoming traceparent still reaches Triton),
+    # "console" (stdout) or "otlp" (OTLP/HTTP to trace_endpoint).
+    trace_exporter: str = "none"
+    # OTLP/HTTP traces URL; None: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or localhost:4318.
+    trace_endpoint: str | None = None
+    # Share of new traces recorded; a caller's sampled traceparent is always followed.
+    trace_sample_ratio: float = 1.0
     # Routing policy of models without their own: round_robin, least_queue,
     # power_of_two, hybrid, prefix_affinity.
     policy: str = "hybrid"
@@ -94,6 +180,18 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
     models: dict[str, ModelSettings] = field(default_factory=dict)
+    # API keys and limits by tenant; none configured: the data routes need no key.
+    tenants: tuple[TenantSpec, ...] = field(default_factory=tuple)
+    # Bearer token of /v2/health/* and /metrics; None: they stay open (for probes).
+    probe_token: str | None = None
+    # Request limits; 0 means unlimited (see README "Tenants, keys and limits").
+    max_header_bytes: int = 16384  # request line and headers together: 431 above
+    max_tokens_limit: int = 0  # largest max_tokens a request may ask for: 400 above
+    max_inputs: int = 0  # tensors in one infer request: 400 above
+    max_tensor_elements: int = 0  # elements of one input tensor: 400 above
+    # HTTPS listener: PEM certificate chain and private key; None: plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def model_settings(self, model: str) -> ModelSettings:
         return self.models.get(model, _DEFAULT_MODEL_SETTINGS)
@@ -103,15 +201,30 @@ class GatewayConfig:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
+@dataclass(frozen=True)
+class TenantSpec:
+    """One tenant from a ``[tenants.NAME]`` table: its API keys and limits."""
+
+    name: str
+    # SHA-256 hex digests of the tenant's keys (``meshgate key hash``): no key is stored.
+    key_sha256: tuple[str, ...]
+    limits: TenantLimits
+
+
 _DEFAULT_MODEL_SETTINGS = ModelSettings()
 
 
-def parse_backends(urls: list[str]) -> tuple[BackendSpec, ...]:
-    specs = tuple(BackendSpec.parse(url, f"b{i}") for i, url in enumerate(urls))
+def parse_backends(
+    urls: list[str],
+) -> tuple[tuple[BackendSpec, ...], tuple[DnsBackendSpec, ...]]:
+    """The fixed backends (``grpc://``) and the DNS names (``dns+grpc://``) of ``urls``."""
+    dns = tuple(DnsBackendSpec.parse(u) for u in urls if u.startswith(f"{DNS_SCHEME}://"))
+    fixed = [u for u in urls if not u.startswith(f"{DNS_SCHEME}://")]
+    specs = tuple(BackendSpec.parse(url, f"b{i}") for i, url in enumerate(fixed))
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"backend ids must be unique, got {ids}")
-    return specs
+    return specs, dns
 
 
 def load_config(path: Path | None) -> GatewayConfig:
@@ -123,14 +236,21 @@ def load_config(path: Path | None) -> GatewayConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config {path}: {exc}") from exc
     gateway = dict(data.get("gateway", {}))
-    backends = parse_backends(
+    backends, dns_backends = parse_backends(
         [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])]
     )
-    tables = {"backends", "models", "scoring", "admission", "outlier"}
-    known = set(GatewayConfig.__dataclass_fields__) - tables
+    not_keys = {"backends", "dns_backends", "resolver", "models", "scoring", "admission", "outlier"}
+    not_keys |= {"tenants"}
+    known = set(GatewayConfig.__dataclass_fields__) - not_keys
     unknown = set(gateway) - known
     if unknown:
         raise ConfigError(f"config {path}: unknown [gateway] keys {sorted(unknown)}")
+    for name in ("tls_cert", "tls_key"):
+        if name in gateway:
+            gateway[name] = path.parent / gateway[name]  # relative to the config file
+    tenants = tuple(
+        _tenant_spec(path, name, table) for name, table in data.get("tenants", {}).items()
+    )
     models = {
         name: _model_settings(path, name, table) for name, table in data.get("models", {}).items()
     }
@@ -142,7 +262,9 @@ def load_config(path: Path | None) -> GatewayConfig:
         raise ConfigError(f"config {path}: {exc}") from exc
     return GatewayConfig(
         backends=backends,
+        dns_backends=dns_backends,
         models=models,
+        tenants=tenants,
         scoring=scoring,
         admission=admission,
         outlier=outlier,
@@ -169,3 +291,34 @@ def _model_settings(path: Path, name: str, table: dict[str, Any]) -> ModelSettin
         chat_template=(path.parent / template) if template else None,
         policy=table.get("policy"),
     )
+
+
+_TENANT_LIMITS = frozenset(TenantLimits.__dataclass_fields__)
+
+
+def _tenant_spec(path: Path, name: str, table: dict[str, Any]) -> TenantSpec:
+    where = f"config {path}: [tenants.{name}]"
+    unknown = set(table) - _TENANT_LIMITS - {"key_sha256"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    keys = table.get("key_sha256")
+    digests = (keys,) if isinstance(keys, str) else keys
+    if not isinstance(digests, list | tuple) or not digests:
+        raise ConfigError(f"{where}: key_sha256 must be a hex digest or a list of them")
+    for digest in digests:
+        if not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
+            # Never echo the value: it might be a key pasted in place of its hash.
+            raise ConfigError(f"{where}: key_sha256 entries must be 64 hex digits")
+    try:
+        limits = TenantLimits(**{k: v for k, v in table.items() if k in _TENANT_LIMITS})
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return TenantSpec(name, tuple(d.lower() for d in digests), limits)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True

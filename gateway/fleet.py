@@ -11,22 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from fastpath.state import READY
+from fastpath.state import INFLIGHT, READY
 
 from .config import BackendSpec, GatewayConfig
+from .discovery import DnsDiscovery, system_resolver
 from .errors import NotFound, Unavailable
 from .fleet_state import FleetState
+from .http_upstream import HttpPool
 from .upstream import TritonChannel
 
 log = logging.getLogger("meshgate.fleet")
 
 _CONTROL_TIMEOUT_S = 5.0
+# How often a leaving backend's in-flight count is checked.
+_DRAIN_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -74,56 +78,161 @@ def _kserve_datatype(config_type: int) -> str:
 class Backend:
     spec: BackendSpec
     channel: TritonChannel
+    http: HttpPool | None  # Triton's HTTP endpoint, when configured: unary infer goes there
     reachable: bool = False
     ready: bool = False
     # model name -> version -> info, for the versions READY on this backend
     models: dict[str, dict[str, ModelInfo]] = field(default_factory=dict)
     # every model name in the repository index, whatever its state
     known_models: frozenset[str] = frozenset()
+    # every (model, version) in the repository index, whatever its state
+    known_versions: frozenset[tuple[str, str]] = frozenset()
     last_error: str = ""
 
     @property
     def id(self) -> str:
         return self.spec.id
 
+    def knows(self, model: str, version: str) -> bool:
+        """Whether the repository index lists ``model`` (that version, if one is given)."""
+        return (model, version) in self.known_versions if version else model in self.known_models
+
+
+class FleetListener(Protocol):
+    """Told when a backend joins or leaves the fleet at run time (the signal plane)."""
+
+    def backend_added(self, spec: BackendSpec) -> None: ...
+
+    def backend_removed(self, backend_id: str) -> None: ...
+
 
 class Fleet:
     def __init__(self, config: GatewayConfig) -> None:
         self._specs = config.backends
+        self._dns = (
+            DnsDiscovery(config.dns_backends, config.resolver or system_resolver)
+            if config.dns_backends
+            else None
+        )
+        self._dns_interval = config.dns_interval_s
+        self._drain_timeout = config.drain_timeout_s
         self._max_message_bytes = config.max_body_bytes + 1024 * 1024
         self.backends: list[Backend] = []
         self.by_id: dict[str, Backend] = {}
+        self.listeners: list[FleetListener] = []
+        # Backends draining before they leave, by id: the task that drops them.
+        self._leaving: dict[str, asyncio.Task[None]] = {}
         self._interval = config.discovery_interval_s
         self.state = FleetState(config.max_slots)
-        for spec in self._specs:
-            if spec.metrics_url:
-                self.state.expect_runtime_signal(spec.id)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Open a channel per backend (inside the running loop, as grpc.aio needs),
-        discover the fleet once, then keep discovering in the background."""
-        self.backends = [
-            Backend(spec, TritonChannel(spec.grpc_target, self._max_message_bytes))
-            for spec in self._specs
-        ]
-        self.by_id = {b.id: b for b in self.backends}
-        await self.refresh()
-        self._task = asyncio.create_task(self._discover_forever(), name="fleet-discovery")
+        discover the fleet once, then keep discovering (and resolving) in the background."""
+        await self.set_backends(await self._wanted())
+        self._tasks.append(asyncio.create_task(self._discover_forever(), name="fleet-discovery"))
+        if self._dns is not None:
+            self._tasks.append(asyncio.create_task(self._resolve_forever(), name="dns-discovery"))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*(b.channel.close() for b in self.backends))
+        tasks = [*self._tasks, *self._leaving.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_close(b) for b in self.backends))
+
+    # -- membership -------------------------------------------------------------------
+
+    async def set_backends(self, specs: list[BackendSpec]) -> None:
+        """Make ``specs`` the fleet: new ones join (see add_backend), missing ones leave
+        (see remove_backend) without waiting for their drain."""
+        wanted = {spec.id for spec in specs}
+        for backend_id in [b.id for b in self.backends if b.id not in wanted]:
+            self.remove_backend(backend_id)
+        await asyncio.gather(*(self.add_backend(spec) for spec in specs))
+
+    async def add_backend(self, spec: BackendSpec) -> None:
+        """Open the backend and discover it at once; a draining backend with this id
+        stops draining instead. A backend already serving is left as it is."""
+        leaving = self._leaving.pop(spec.id, None)
+        if leaving is not None:
+            leaving.cancel()
+            self.state.set_draining(spec.id, False)
+            log.info("backend %s is back before it left", spec.id)
+            return
+        if spec.id in self.by_id:
+            return
+        if spec.metrics_url:
+            self.state.expect_runtime_signal(spec.id)
+        backend = Backend(
+            spec,
+            TritonChannel(spec.grpc_target, self._max_message_bytes),
+            HttpPool(spec.http_target) if spec.http_target else None,
+        )
+        self.backends.append(backend)
+        self.by_id[spec.id] = backend
+        # A rejoining id reuses its slots, which may still say draining.
+        self.state.set_draining(spec.id, False)
+        for listener in self.listeners:
+            listener.backend_added(spec)
+        await self._refresh_backend(backend)
+        self._mark_slots(backend)
+
+    def remove_backend(self, backend_id: str) -> asyncio.Task[None]:
+        """Drain the backend, then drop it: new requests avoid it at once; it leaves (its
+        scraper stops, its channel closes) when its in-flight requests are done, or after
+        ``drain_timeout_s``. Returns the task that drops it."""
+        task = self._leaving.get(backend_id)
+        if task is None:
+            self.state.set_draining(backend_id, True)
+            task = asyncio.create_task(self._leave(backend_id), name=f"leave-{backend_id}")
+            self._leaving[backend_id] = task
+        return task
+
+    async def _leave(self, backend_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
+        slots = self.state.slots_of(backend_id)
+        while (inflight := int(self.state.array[slots, INFLIGHT].sum())) and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if inflight:
+            log.warning("backend %s left with %d requests in flight", backend_id, inflight)
+        # From here on nothing awaits until the backend is gone: a rejoin either cancelled
+        # the drain above or finds no trace of it and opens the backend afresh.
+        del self._leaving[backend_id]
+        backend = self.by_id.pop(backend_id)
+        self.backends.remove(backend)
+        for slot in slots:
+            self.state.set_ready(slot, False)
+        for listener in self.listeners:
+            listener.backend_removed(backend_id)
+        log.info("backend %s left the fleet", backend_id)
+        await _close(backend)
+
+    async def _wanted(self) -> list[BackendSpec]:
+        resolved = await self._dns.resolve() if self._dns is not None else []
+        return [*self._specs, *resolved]
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._dns_interval)
+            try:
+                await self.set_backends(await self._wanted())
+            except Exception:  # DNS discovery must outlive any single bad answer
+                log.exception("DNS discovery pass failed")
+
+    # -- discovery --------------------------------------------------------------------
 
     async def refresh(self) -> None:
         """One discovery pass over every backend, then mark each slot READY or not."""
         await asyncio.gather(*(self._refresh_backend(b) for b in self.backends))
         for backend in self.backends:
-            for name in backend.known_models:
-                slot = self.state.slot(backend.id, name)
-                self.state.set_ready(slot, backend.ready and name in backend.models)
+            self._mark_slots(backend)
+
+    def _mark_slots(self, backend: Backend) -> None:
+        for name in backend.known_models:
+            slot = self.state.slot(backend.id, name)
+            self.state.set_ready(slot, backend.ready and name in backend.models)
 
     async def _discover_forever(self) -> None:
         while True:
@@ -160,6 +269,7 @@ class Fleet:
         backend.ready = ready.ready
         backend.models = models
         backend.known_models = frozenset(e.name for e in index.models)
+        backend.known_versions = frozenset((e.name, e.version) for e in index.models)
         backend.last_error = ""
 
     @staticmethod
@@ -183,7 +293,7 @@ class Fleet:
         if version:
             keys = self.state.slot_keys
             slots = np.array(
-                [s for s in slots if version in self.by_id[keys[s][0]].models.get(model, {})],
+                [s for s in slots if version in self._models_at(keys[s][0], model)],
                 dtype=np.int32,
             )
             if not len(slots):
@@ -201,6 +311,11 @@ class Fleet:
             raise self._unroutable(model, version)
         return ready
 
+    def _models_at(self, backend_id: str, model: str) -> dict[str, ModelInfo]:
+        # A backend that left keeps its slots (never READY again) but not its entry.
+        backend = self.by_id.get(backend_id)
+        return backend.models.get(model, {}) if backend is not None else {}
+
     def backend_of(self, slot: int) -> Backend:
         return self.by_id[self.state.slot_keys[slot][0]]
 
@@ -213,9 +328,9 @@ class Fleet:
     def _unroutable(self, model: str, version: str) -> NotFound | Unavailable:
         # "Unknown" needs every backend's word for it; an unreachable one might serve it.
         all_answered = all(b.reachable for b in self.backends)
-        if all_answered and not any(model in b.known_models for b in self.backends):
-            return NotFound(f"Request for unknown model: '{model}' is not found")
         label = f"'{model}' version {version}" if version else f"'{model}'"
+        if all_answered and not any(b.knows(model, version) for b in self.backends):
+            return NotFound(f"Request for unknown model: {label} is not found")
         return Unavailable(f"no backend has model {label} ready")
 
     # -- views ------------------------------------------------------------------------
@@ -267,6 +382,12 @@ class Fleet:
             }
             for b in self.backends
         ]
+
+
+async def _close(backend: Backend) -> None:
+    if backend.http is not None:
+        backend.http.close()
+    await backend.channel.close()
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -14,11 +14,14 @@ from fastpath import grpc_wire
 from fastpath.errors import FramingError
 
 from .api.keys import CONFIG, ROUTER
+from .auth import TENANT, TENANTS
 from .config import GatewayConfig
-from .errors import BadRequest, UpstreamError, UpstreamStalled
+from .errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError, UpstreamStalled
 from .fleet import Backend
+from .http_upstream import UpstreamConnectionError
 from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
-from .upstream import is_connection_failure, upstream_error
+from .telemetry import TRAIL
+from .upstream import Metadata, is_connection_failure, upstream_error
 
 T = TypeVar("T")
 TIMEOUT_HEADER = "x-meshgate-timeout-ms"
@@ -45,31 +48,61 @@ def request_timeouts(request: web.Request) -> Timeouts:
     return Timeouts(millis / 1000.0, config.stream_idle_timeout_s)
 
 
+def check_max_tokens(request: web.Request, max_tokens: Any) -> None:
+    """400 when ``max_tokens`` asks for more than the configured max_tokens_limit."""
+    limit = request.app[CONFIG].max_tokens_limit
+    if limit and type(max_tokens) is int and max_tokens > limit:
+        raise BadRequest(
+            f"max_tokens is {max_tokens}, over this gateway's limit of {limit}", param="max_tokens"
+        )
+
+
 def admit(request: web.Request, model: str, version: str, affinity: bytes | None) -> Lease:
-    """Admit a request for ``model`` (429/503 when refused): its priority header, and the
-    session header or else ``affinity`` (the prompt) for prefix_affinity."""
+    """Admit a request for ``model`` (429/503 when refused): its tenant's limits first,
+    then its priority header, and the session header or else ``affinity`` (the prompt)
+    for prefix_affinity."""
     session = request.headers.get(SESSION_HEADER)
-    return request.app[ROUTER].admit(
-        model,
-        version,
-        parse_priority(request.headers.get(PRIORITY_HEADER)),
-        session.encode() if session else affinity,
-    )
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+    claim = request.app[TENANTS].claim(request[TENANT])
+    try:
+        lease = request.app[ROUTER].admit(
+            model,
+            version,
+            priority,
+            request[TRAIL],
+            # aiohttp decodes header bytes with surrogateescape; this gives the same bytes back.
+            session.encode("utf-8", "surrogateescape") if session else affinity,
+        )
+    except BaseException:
+        claim.close()
+        raise
+    lease.tenant = claim
+    return lease
 
 
-async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]]) -> T:
+async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], timeout: float) -> T:
     """Run ``call`` on the lease's first backend; if it could not be reached, once on
-    the next. Only safe before anything was sent to the client."""
+    the next. Only safe before anything was sent to the client. Whatever fails once
+    the request's ``timeout`` has passed is a 504: Triton may word a missed deadline
+    as an internal error."""
     retries = min(len(lease.slots), 2)
     for attempt, backend in enumerate(lease.attempts()):
         try:
             result = await call(backend)
         except grpc.aio.AioRpcError as exc:
+            if lease.elapsed() >= timeout:
+                raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded") from None
             if not is_connection_failure(exc):
                 raise upstream_error(exc) from None
             lease.backend_failed()
             if attempt + 1 >= retries:
                 raise upstream_error(exc) from None
+        except TimeoutError:
+            raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded") from None
+        except UpstreamConnectionError as exc:
+            lease.backend_failed()
+            if attempt + 1 >= retries:
+                raise Unavailable(f"backend {backend.id} unreachable: {exc}") from None
         except UpstreamStalled:
             lease.backend_failed()
             raise
@@ -98,7 +131,7 @@ def decode_reply(decoder: Callable[[bytes], T], reply: bytes) -> T:
 
 
 async def stream_replies(
-    backend: Backend, wire: bytes, timeouts: Timeouts
+    backend: Backend, wire: bytes, timeouts: Timeouts, metadata: Metadata
 ) -> AsyncGenerator[Any, None]:
     """Decoded responses of one ModelStreamInfer call; cancels the call when the
     consumer stops early (client hung up, error), so Triton stops generating.
@@ -106,7 +139,7 @@ async def stream_replies(
     Waiting for the first response is bounded by the request's deadline only (it may
     queue at Triton); after it, a gap longer than ``timeouts.idle`` ends the stream
     with UpstreamStalled."""
-    call = backend.channel.stream(wire, timeouts.total)
+    call = backend.channel.stream(wire, timeouts.total, metadata)
     messages = aiter(call)
     started = False
     try:
@@ -139,7 +172,7 @@ async def open_stream(
     the rest, which cancels the call."""
 
     async def first_reply(backend: Backend) -> tuple[Any, AsyncGenerator[Any, None]]:
-        replies = stream_replies(backend, wire_for(backend), timeouts)
+        replies = stream_replies(backend, wire_for(backend), timeouts, lease.trail.metadata)
         try:
             return await anext(replies), replies
         except StopAsyncIteration:
@@ -148,7 +181,7 @@ async def open_stream(
             await replies.aclose()
             raise
 
-    first, rest = await with_failover(lease, first_reply)
+    first, rest = await with_failover(lease, first_reply, timeouts.total)
     return first, _reporting_failures(lease, rest)
 
 
@@ -159,6 +192,7 @@ async def _reporting_failures(
     against the backend (outlier ejection), though nothing can be retried then."""
     try:
         async for reply in replies:
+            lease.token()
             yield reply
     except grpc.aio.AioRpcError as exc:
         if is_connection_failure(exc):

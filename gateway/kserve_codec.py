@@ -59,10 +59,23 @@ def decode_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str,
     return parse_json(header), tail
 
 
-def encode_infer(model: str, version: str, header: dict[str, Any], tail: memoryview) -> InferCall:
-    """Translate an infer request (JSON header + binary tail) into gRPC bytes."""
+@dataclass(frozen=True)
+class ParsedInfer:
+    """A validated infer request: what Triton will be asked, tensor bytes not copied."""
+
+    request_id: str
+    parameters: dict[str, Any]
+    inputs: list[tuple[str, str, list[int], dict[str, Any] | None]]
+    raws: list[Any]  # one buffer per input: slices of the body, or JSON data encoded
+    outputs: list[tuple[str, dict[str, Any] | None]]
+    binary_default: bool  # request-level binary_data_output
+    binary_outputs: Mapping[str, bool]  # per requested output: its binary_data flag
+
+
+def parse_infer(header: dict[str, Any], tail: memoryview) -> ParsedInfer:
+    """Validate an infer request (JSON header + binary tail); 400 on any fault."""
     request_params = _params(header.get("parameters"), "request")
-    binary_default = bool(request_params.pop("binary_data_output", False))
+    binary_default = _flag(request_params.pop("binary_data_output", False), "binary_data_output")
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
         raise BadRequest("the request must have a non-empty 'inputs' array")
@@ -105,13 +118,26 @@ def encode_infer(model: str, version: str, header: dict[str, Any], tail: memoryv
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
+    return ParsedInfer(
+        request_id, request_params, inputs, raws, outputs, binary_default, binary_outputs
+    )
+
+
+def encode_infer(model: str, version: str, parsed: ParsedInfer) -> InferCall:
+    """The gRPC ModelInferRequest bytes of a parsed request (the one tensor copy)."""
     try:
         wire = grpc_wire.encode_infer_request(
-            model, version, request_id, request_params or None, inputs, outputs, raws
+            model,
+            version,
+            parsed.request_id,
+            parsed.parameters or None,
+            parsed.inputs,
+            parsed.outputs,
+            parsed.raws,
         )
     except FramingError as exc:
         raise BadRequest(str(exc)) from None
-    return InferCall(wire, request_id, binary_default, binary_outputs)
+    return InferCall(wire, parsed.request_id, parsed.binary_default, parsed.binary_outputs)
 
 
 def encode_infer_response(response: Any, call: InferCall) -> tuple[bytes, int | None]:
@@ -213,9 +239,15 @@ def _requested_outputs(
         params = _params(tensor.get("parameters"), f"output '{name}'")
         _refuse_shared_memory(params, name)
         if "binary_data" in params:
-            binary[name] = bool(params.pop("binary_data"))
+            binary[name] = _flag(params.pop("binary_data"), f"output '{name}': binary_data")
         outputs.append((name, params or None))
     return outputs, binary
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what} must be true or false, got {value!r}")
+    return value
 
 
 def _params(value: Any, where: str) -> dict[str, Any]:

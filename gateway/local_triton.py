@@ -80,6 +80,11 @@ class TritonServer:
         return f"http://{HOST}:{self.metrics_port}/metrics"
 
     @property
+    def backend_url(self) -> str:
+        """This server as a `meshgate serve --backend` URL: gRPC, metrics and HTTP."""
+        return f"grpc://{self.grpc_url}?metrics={self.metrics_url}&http={HOST}:{self.http_port}"
+
+    @property
     def ports(self) -> tuple[int, int, int]:
         return (self.http_port, self.grpc_port, self.metrics_port)
 
@@ -210,7 +215,9 @@ class TritonFleet:
         log_dir: Path,
         *,
         startup_timeout: float = 180.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """``extra_args`` are appended to every server's command line (e.g. tracing)."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         if isinstance(model_repository, (str, os.PathLike)):
@@ -225,6 +232,7 @@ class TritonFleet:
         self.port_base = port_base
         self.log_dir = Path(log_dir)
         self.startup_timeout = startup_timeout
+        self.extra_args = tuple(extra_args)
         self._repositories = [p.resolve() for p in repositories]
         self._install: TritonInstall | None = None
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
@@ -307,6 +315,7 @@ class TritonFleet:
         ]
         if self._install.backend_dir is not None:
             command.append(f"--backend-directory={self._install.backend_dir}")
+        command += self.extra_args
         with log_path.open("wb" if fresh_log else "ab") as log:
             process = subprocess.Popen(
                 command,

@@ -87,8 +87,11 @@ class OutlierDetector:
     async def _check(self) -> None:
         now = time.monotonic()
         for backend_id, record in list(self._records.items()):
-            if record.ejected_until is not None:
-                if now >= record.ejected_until and await _healthy(self.fleet.by_id[backend_id]):
+            backend = self.fleet.by_id.get(backend_id)
+            if backend is None:  # it left the fleet (DNS discovery)
+                del self._records[backend_id]
+            elif record.ejected_until is not None:
+                if now >= record.ejected_until and await _healthy(backend):
                     record.ejected_until = None
                     record.weight = self.config.reentry_weight
                     self.fleet.state.set_circuit(backend_id, open=False, weight=record.weight)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 from fastpath import state as S
 from fastpath.admission import Admitter
@@ -18,6 +20,10 @@ from .config import GatewayConfig, check_policy
 from .errors import BadRequest, Overloaded, Unavailable
 from .fleet import Backend, Fleet
 from .outliers import OutlierDetector
+
+if TYPE_CHECKING:
+    from .auth import TenantClaim
+    from .telemetry import Trail
 
 PRIORITY_HEADER = "x-meshgate-priority"
 # Keeps a conversation on one backend under prefix_affinity, instead of the prompt.
@@ -54,7 +60,7 @@ class Router:
         return self._policies.get(model, self._default_policy)
 
     def admit(
-        self, model: str, version: str, priority: int, affinity: bytes | None = None
+        self, model: str, version: str, priority: int, trail: Trail, affinity: bytes | None = None
     ) -> Lease:
         """Rank the model's slots and admit the request, or raise 429/503."""
         slots = self.fleet.candidates(model, version)
@@ -63,14 +69,18 @@ class Router:
         if policy == S.POLICY_PREFIX_AFFINITY and affinity:
             key = affinity_hash(affinity, AFFINITY_PREFIX_BYTES)
         now = time.monotonic()
+        started_ns = perf_counter_ns()
         eligible = self.scorer.rank(slots, policy, now, key)
+        ranked_ns = perf_counter_ns()
         model_index = self.fleet.state.model_index[model]
         code = self.admitter.admit(model_index, priority, eligible, self.scorer.saturated, now)
+        trail.decided(policy, started_ns, ranked_ns, perf_counter_ns())
         if code == S.ADMIT:
-            return Lease(self, model_index, self.scorer.ranked[:eligible].tolist(), now)
+            return Lease(self, model_index, self.scorer.ranked[:eligible].tolist(), now, trail)
+        reason = S.REASON_NAMES[code]
+        trail.refused(reason)
         if code == S.REFUSE_NO_BACKEND:
             raise Unavailable(f"no backend has model '{model}' ready")
-        reason = S.REASON_NAMES[code]
         raise Overloaded(
             f"model '{model}' is {reason.replace('_', ' ')}; retry later",
             reason=reason,
@@ -82,10 +92,24 @@ class Lease:
     """An admitted request's claim on the fleet: the ranked slots to try in order, the
     in-flight count on the slot in use, and the admission slot, released by ``close``."""
 
-    __slots__ = ("_current", "_model_index", "_router", "_started", "_ttft_recorded", "slots")
+    __slots__ = (
+        "_current",
+        "_model_index",
+        "_router",
+        "_started",
+        "_ttft_recorded",
+        "slots",
+        "tenant",
+        "trail",
+    )
 
-    def __init__(self, router: Router, model_index: int, slots: list[int], started: float) -> None:
+    def __init__(
+        self, router: Router, model_index: int, slots: list[int], started: float, trail: Trail
+    ) -> None:
         self._router = router
+        self.trail = trail
+        # The tenant's hold on its limits (set by forward.admit), released with the lease.
+        self.tenant: TenantClaim | None = None
         self._model_index = model_index
         self.slots = slots
         self._started = started
@@ -99,7 +123,9 @@ class Lease:
             self._leave()
             state.dispatched(slot)
             self._current = slot
-            yield self._router.fleet.backend_of(slot)
+            backend = self._router.fleet.backend_of(slot)
+            self.trail.attempt(backend.id)
+            yield backend
 
     def backend_ok(self) -> None:
         """The backend being tried answered: its consecutive-failure count resets."""
@@ -111,15 +137,32 @@ class Lease:
         if self._current >= 0:
             self._router.outliers.failed(self._router.fleet.state.slot_keys[self._current][0])
 
+    def elapsed(self) -> float:
+        """Seconds since admission."""
+        return time.monotonic() - self._started
+
     def first_response(self) -> None:
         """Record time to first response (first token) on the slot that served it."""
         if not self._ttft_recorded and self._current >= 0:
             self._ttft_recorded = True
             self._router.fleet.state.record_ttft(self._current, time.monotonic() - self._started)
+            self.trail.first_response()
+
+    def token(self) -> None:
+        """One more streamed response after the first."""
+        self.trail.token()
+
+    def count_tokens(self, total: int) -> None:
+        """The request has generated ``total`` tokens so far (charged to its tenant)."""
+        if self.tenant is not None:
+            self.tenant.count_tokens(total)
 
     def close(self) -> None:
+        self.trail.upstream_done()
         self._leave()
         self._router.admitter.release(self._model_index, time.monotonic())
+        if self.tenant is not None:
+            self.tenant.close()
 
     def _leave(self) -> None:
         if self._current >= 0:

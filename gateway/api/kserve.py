@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import math
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -14,20 +15,29 @@ from fastpath import grpc_wire
 
 from .. import kserve_codec as codec
 from .. import sse
+from ..config import GatewayConfig
 from ..errors import BadRequest, GatewayError, UpstreamError
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
     admit,
     any_backend,
+    check_max_tokens,
     decode_reply,
     open_stream,
     request_timeouts,
     stream_replies,
     with_failover,
 )
+from ..http_upstream import (
+    FORWARDED_REPLY_HEADERS,
+    FORWARDED_REQUEST_HEADERS,
+    TRACE_HEADERS,
+    HttpReply,
+)
 from ..protojson import message_to_dict
+from ..telemetry import TRAIL
 from ..upstream import upstream_error
-from .keys import FLEET, LIFECYCLE
+from .keys import CONFIG, FLEET, LIFECYCLE
 
 T = TypeVar("T")
 _JSON = "application/json"
@@ -136,26 +146,79 @@ async def _control(awaitable: Awaitable[T]) -> T:
 
 async def infer(request: web.Request) -> web.Response:
     model, version = _target(request)
+    request[TRAIL].model = model
     request.app[FLEET].candidates(model, version)  # unknown model: 404 before reading the body
     body = await request.read()
-    header, tail = codec.decode_infer_body(
-        body, request.headers.get("Inference-Header-Content-Length")
-    )
-    call = codec.encode_infer(model, version, header, tail)
+    header_length = request.headers.get("Inference-Header-Content-Length")
+    parsed = codec.parse_infer(*codec.decode_infer_body(body, header_length))
+    _check_tensor_limits(request.app[CONFIG], parsed)
+    # Binary requests go to a backend's HTTP endpoint as they are (validated above);
+    # JSON ones over gRPC, where the gateway writes the JSON answer itself.
+    passthrough = header_length is not None
     timeout = request_timeouts(request).total
+    grpc_call: list[codec.InferCall] = []  # encoded once, only if a backend needs it
+
+    async def on(backend: Backend) -> web.Response:
+        if passthrough and backend.http is not None:
+            headers = _forwarded_headers(request, lease.trail.metadata)
+            return _passthrough(await backend.http.post(request.raw_path, headers, body, timeout))
+        if not grpc_call:
+            grpc_call.append(codec.encode_infer(model, version, parsed))
+        call = grpc_call[0]
+        wire = await backend.channel.infer(call.wire, timeout, lease.trail.metadata)
+        out, out_header_length = codec.encode_infer_response(
+            decode_reply(grpc_wire.decode_infer_response, wire), call
+        )
+        if out_header_length is None:
+            return web.Response(body=out, content_type=_JSON)
+        return web.Response(
+            body=out,
+            content_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(out_header_length)},
+        )
+
     with admit(request, model, version, None) as lease:
-        reply = await with_failover(lease, lambda b: b.channel.infer(call.wire, timeout))
+        response = await with_failover(lease, on, timeout)
         lease.first_response()
-    out, header_length = codec.encode_infer_response(
-        decode_reply(grpc_wire.decode_infer_response, reply), call
-    )
-    if header_length is None:
-        return web.Response(body=out, content_type=_JSON)
-    return web.Response(
-        body=out,
-        content_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(header_length)},
-    )
+    return response
+
+
+def _check_tensor_limits(config: GatewayConfig, parsed: codec.ParsedInfer) -> None:
+    """400 over max_inputs inputs or max_tensor_elements elements in one (0: unlimited)."""
+    if config.max_inputs and len(parsed.inputs) > config.max_inputs:
+        raise BadRequest(
+            f"the request has {len(parsed.inputs)} inputs, over the limit of {config.max_inputs}"
+        )
+    if config.max_tensor_elements:
+        for name, _datatype, shape, _params in parsed.inputs:
+            elements = math.prod(shape)
+            if elements > config.max_tensor_elements:
+                raise BadRequest(
+                    f"input '{name}' has {elements} elements, "
+                    f"over the limit of {config.max_tensor_elements}"
+                )
+
+
+def _forwarded_headers(
+    request: web.Request, trace: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The client's headers Triton needs, with the gateway's own trace context."""
+    headers = [
+        (name, request.headers[name])
+        for name in FORWARDED_REQUEST_HEADERS
+        if name in request.headers and name not in TRACE_HEADERS
+    ]
+    headers.extend(trace)
+    return headers
+
+
+def _passthrough(reply: HttpReply) -> web.Response:
+    headers = {
+        name.decode(): reply.headers[name].decode("latin-1")
+        for name in FORWARDED_REPLY_HEADERS
+        if name in reply.headers
+    }
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
 class _Generate:
@@ -163,8 +226,13 @@ class _Generate:
 
     def __init__(self, request: web.Request, body: dict[str, Any]) -> None:
         self.model, self.version = _target(request)
+        request[TRAIL].model = self.model
         self.fleet: Fleet = request.app[FLEET]
         self.body = body
+        nested = body.get("parameters")
+        nested_max = nested.get("max_tokens") if isinstance(nested, dict) else None
+        # A "parameters" value wins over a top-level one (encode_generate merges so).
+        check_max_tokens(request, body.get("max_tokens") if nested_max is None else nested_max)
 
     def info(self, backend: Backend) -> ModelInfo:
         return self.fleet.model_info(backend, self.model, self.version)
@@ -180,13 +248,14 @@ class _Generate:
 async def generate(request: web.Request) -> web.Response:
     gen = _Generate(request, codec.parse_json(await request.read()))
     timeouts = request_timeouts(request)
+    trail = request[TRAIL]  # its metadata follows the attempt in progress
 
     async def one_reply(backend: Backend) -> Any:
         wire = gen.wire_for(backend)
         if not gen.info(backend).decoupled:
-            reply = await backend.channel.infer(wire, timeouts.total)
+            reply = await backend.channel.infer(wire, timeouts.total, trail.metadata)
             return decode_reply(grpc_wire.decode_infer_response, reply)
-        replies = [r async for r in stream_replies(backend, wire, timeouts)]
+        replies = [r async for r in stream_replies(backend, wire, timeouts, trail.metadata)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
@@ -194,9 +263,18 @@ async def generate(request: web.Request) -> web.Response:
         return replies[0]
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
-        reply = await with_failover(lease, one_reply)
+        reply = await with_failover(lease, one_reply, timeouts.total)
         lease.first_response()
-    return _json(codec.generate_response_json(reply))
+        body = codec.generate_response_json(reply)
+        lease.count_tokens(_tokens_so_far(body, 1))
+    return _json(body)
+
+
+def _tokens_so_far(body: dict[str, Any], replies: int) -> int:
+    """Tokens generated so far, charged to the tenant: the model's running
+    ``completion_tokens`` output when it has one (tiny_lm does), else one per reply."""
+    count = body.get("completion_tokens")
+    return count if type(count) is int else replies
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -206,9 +284,15 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         lease.first_response()
         try:
             response = await sse.open_stream(request)
-            await sse.send_json(response, codec.generate_response_json(first))
+            body = codec.generate_response_json(first)
+            lease.count_tokens(_tokens_so_far(body, 1))
+            await sse.send_json(response, body)
+            replies = 1
             async for reply in rest:
-                await sse.send_json(response, codec.generate_response_json(reply))
+                replies += 1
+                body = codec.generate_response_json(reply)
+                lease.count_tokens(_tokens_so_far(body, replies))
+                await sse.send_json(response, body)
         except grpc.aio.AioRpcError as exc:
             # After the first byte nothing is replayed: the client is told, explicitly.
             await sse.send_json(response, {"error": upstream_error(exc).message})

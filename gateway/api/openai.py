@@ -25,7 +25,8 @@ from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
 from ..config import GatewayConfig
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fleet import Backend, Fleet
-from ..forward import admit, open_stream, request_timeouts
+from ..forward import admit, check_max_tokens, open_stream, request_timeouts
+from ..metrics import NONE
 from ..openai_profiles import (
     ReplyReader,
     Sampling,
@@ -34,6 +35,8 @@ from ..openai_profiles import (
     is_text_model,
     profile_for,
 )
+from ..router import Lease
+from ..telemetry import TRAIL
 from ..upstream import upstream_error
 from .keys import CONFIG, FLEET
 
@@ -260,10 +263,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
+    trail = request[TRAIL]
+    trail.model = NONE  # an inference request, though its body may name no valid model
     call = _parse(codec.parse_json(await request.read()), chat)
+    trail.model = call.model
     fleet: Fleet = request.app[FLEET]
     _check_text_model(fleet, call.model)
     sampling = call.sampling
+    check_max_tokens(request, sampling.max_tokens)
+    limit = request.app[CONFIG].max_tokens_limit
+    if limit and sampling.max_tokens is None:
+        sampling = replace(sampling, max_tokens=limit)  # no cap asked for: the gateway's
     if chat:
         prompt = request.app[SURFACE].template(call.model).render(call.messages)
         sampling = replace(sampling, prompt=prompt)
@@ -277,10 +287,10 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
         first, rest = await open_stream(lease, wire_for, request_timeouts(request))
         lease.first_response()
+        reader = _MeteredReader(lease)
         try:
             if call.stream:
-                return await _stream(request, chunks, sampling, first, rest)
-            reader = ReplyReader()
+                return await _stream(request, chunks, sampling, reader, first, rest)
             reader.read(first)
             await _read_all(rest, reader)
             reader.flush()
@@ -303,6 +313,7 @@ async def _stream(
     request: web.Request,
     chunks: _Chunks,
     sampling: Sampling,
+    reader: ReplyReader,
     first: Any,
     rest: AsyncGenerator[Any, None],
 ) -> web.StreamResponse:
@@ -310,7 +321,6 @@ async def _stream(
     told in-band: an ``error`` event, and no ``[DONE]``, so the client cannot take the
     cut stream for a complete one."""
     response = await sse.open_stream(request)
-    reader = ReplyReader()
     await sse.send_json(response, chunks.delta(reader.read(first), first=True))
     try:
         async for reply in rest:
@@ -330,6 +340,26 @@ async def _stream(
         await sse.send_json(response, chunks.usage(usage))
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+class _MeteredReader(ReplyReader):
+    """Charges the request's tenant as completion tokens arrive: the model's running
+    count after each reply, and the final usage (word count if the model sends none)."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__()
+        self._lease = lease
+
+    def read(self, reply: Any) -> str:
+        text = super().read(reply)
+        if self.completion_tokens is not None:
+            self._lease.count_tokens(self.completion_tokens)
+        return text
+
+    def usage(self, prompt: str) -> Usage:
+        usage = super().usage(prompt)
+        self._lease.count_tokens(usage.completion_tokens)
+        return usage
 
 
 class _Chunks:

@@ -16,7 +16,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.local_triton import TritonFleet, TritonServer
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO / "model_repository"
 # Small enough that the 413 test stays cheap, large enough for 4 MiB tensors.
 GATEWAY_MAX_BODY = 8 * 1024 * 1024
+SESSION_ADMIN_TOKEN = "session-admin-token"
 
 
 @dataclass
@@ -57,6 +60,24 @@ def triton_metric(server: TritonServer, name: str, model: str) -> float:
     found = re.search(pattern, text, re.MULTILINE)
     assert found, f"{name} for {model} not on {server.metrics_url}"
     return float(found.group(1))
+
+
+async def admin_fleet(gateway: Gateway, token: str = SESSION_ADMIN_TOKEN) -> dict[str, Any]:
+    """The gateway's /admin/fleet view."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            gateway.url + "/admin/fleet", headers={"Authorization": f"Bearer {token}"}
+        ) as reply:
+            assert reply.status == 200, await reply.text()
+            view: dict[str, Any] = await reply.json()
+    return view
+
+
+def total_inflight(view: dict[str, Any]) -> float:
+    """In-flight requests the gateway counts, over every model and every slot."""
+    admitted = sum(m["inflight"] for m in view["models"].values())
+    dispatched = sum(s["inflight"] for b in view["backends"] for s in b["models"].values())
+    return admitted + dispatched
 
 
 def start_gateway(backends: list[str], log_path: Path, *extra: str) -> Gateway:
@@ -116,8 +137,15 @@ def triton_fleet(run_dir: Path) -> Iterator[TritonFleet]:
 
 @pytest.fixture(scope="session")
 def gateway(triton_fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
-    backends = [f"grpc://{s.grpc_url}?metrics={s.metrics_url}" for s in triton_fleet.servers]
-    gw = start_gateway(backends, run_dir / "gateway.log", "--max-body-bytes", str(GATEWAY_MAX_BODY))
+    backends = [s.backend_url for s in triton_fleet.servers]
+    gw = start_gateway(
+        backends,
+        run_dir / "gateway.log",
+        "--max-body-bytes",
+        str(GATEWAY_MAX_BODY),
+        "--admin-token",
+        SESSION_ADMIN_TOKEN,
+    )
     try:
         deadline = time.monotonic() + 60
         while http_status(gw.url + "/v2/models/tiny_lm/ready") != 200:

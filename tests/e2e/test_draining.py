@@ -19,7 +19,7 @@ TOKENS = 120  # ~0.6 s of tiny_lm at 5 ms per token: long enough to be mid-strea
 
 
 async def test_sigterm_lets_streams_finish(triton_fleet: TritonFleet, run_dir: Path) -> None:
-    backends = [f"grpc://{s.grpc_url}?metrics={s.metrics_url}" for s in triton_fleet.servers]
+    backends = [s.backend_url for s in triton_fleet.servers]
     gw = start_gateway(backends, run_dir / "drain-gateway.log", "--drain-timeout", "20")
     try:
         body = {"text_input": "We the People", "max_tokens": TOKENS, "stream": True}

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from fastpath import NO_EXTENSIONS, admission, framing, grpc_wire, scoring
+from fastpath import NO_EXTENSIONS, admission, framing, grpc_wire, scoring, tenants
 
 # (selector module, its compiled twin, its pure twin, a public name both export)
 SELECTORS = [
@@ -19,6 +19,7 @@ SELECTORS = [
     (grpc_wire, grpc_wire.grpc_wire_c, grpc_wire.grpc_wire_py, "decode_infer_response"),
     (scoring, scoring.scoring_c, scoring.scoring_py, "Scorer"),
     (admission, admission.admission_c, admission.admission_py, "Admitter"),
+    (tenants, tenants.tenants_c, tenants.tenants_py, "TenantLimiter"),
 ]
 
 

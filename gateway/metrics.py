@@ -1,0 +1,195 @@
+"""Prometheus metrics of the gateway, served at ``GET /metrics``.
+
+Per-request series are prometheus-client counters and histograms, measured cheaper
+than OpenTelemetry's metrics SDK here (README, "Observability"). Their children are
+looked up once per label tuple and kept, so a request costs dictionary hits, not
+``labels()`` calls. Per-backend gauges are read from the fleet state at scrape time.
+
+Labels are bounded: ``model`` is a model the fleet has seen (else ``-``), ``backend``
+a configured backend id, ``policy`` a policy name, ``tenant`` is ``-`` until tenants
+exist, ``code`` an HTTP status and ``reason`` an admission refusal reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import cast
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fastpath import state as S
+
+from .fleet import Fleet
+from .outliers import OutlierDetector
+
+NONE = "-"  # a label that does not apply (no backend tried, unknown model, no tenant yet)
+SERIES = ("model", "backend", "policy", "tenant")
+
+# Seconds. Latencies span ms (embeddings) to minutes (long generations); overhead and
+# scoring are the gateway's own µs-scale work.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_OVERHEAD_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
+_SCORING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
+
+
+class Series:
+    """The children of one (model, backend, policy, tenant) label tuple."""
+
+    __slots__ = ("duration", "failovers", "inter_token", "overhead", "ttft")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str, str]) -> None:
+        self.duration = metrics.duration.labels(*labels)
+        self.overhead = metrics.overhead.labels(*labels)
+        self.ttft = metrics.ttft.labels(*labels)
+        self.inter_token = metrics.inter_token.labels(*labels)
+        self.failovers = metrics.failovers.labels(*labels)
+
+
+class Metrics:
+    """The gateway's registry; its methods reuse each label tuple's children once made."""
+
+    def __init__(self, fleet: Fleet, outliers: OutlierDetector) -> None:
+        self.fleet = fleet
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "meshgate_requests", "Inference requests answered, by HTTP status.",
+            (*SERIES, "code"), registry=r,
+        )  # fmt: skip
+        self.refusals = Counter(
+            "meshgate_admission_refusals", "Requests refused by admission, by reason.",
+            ("model", "policy", "tenant", "reason"), registry=r,
+        )  # fmt: skip
+        self.failovers = Counter(
+            "meshgate_failovers",
+            "Attempts abandoned for the next backend (the gateway never retries the same one);"
+            " backend is the one that failed.",
+            SERIES, registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "meshgate_request_duration_seconds", "End-to-end latency of inference requests.",
+            SERIES, buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "meshgate_gateway_overhead_seconds",
+            "End-to-end latency minus the upstream window (first attempt to last response).",
+            SERIES, buckets=_OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "meshgate_time_to_first_token_seconds",
+            "From request arrival to the first upstream response.",
+            SERIES, buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inter_token = Histogram(
+            "meshgate_inter_token_seconds", "Gaps between consecutive streamed responses.",
+            SERIES, buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.scoring = Histogram(
+            "meshgate_scoring_seconds", "Time to rank the candidates and decide admission.",
+            ("policy",), buckets=_SCORING_BUCKETS, registry=r,
+        )  # fmt: skip
+        r.register(FleetCollector(fleet, outliers))
+        self._series: dict[tuple[str, str, str, str], Series] = {}
+        self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
+        self._refusals: dict[tuple[str, str, str, str], Counter] = {}
+        self._scoring: dict[str, Histogram] = {}
+
+    def model_label(self, model: str | None) -> str:
+        """``model`` if the fleet has seen it; a client's made-up name must not become a series."""
+        return model if model is not None and model in self.fleet.state.model_index else NONE
+
+    def series(self, model: str, backend: str, policy: str, tenant: str) -> Series:
+        key = (model, backend, policy, tenant)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(self, key)
+        return found
+
+    def count_request(self, model: str, backend: str, policy: str, tenant: str, code: int) -> None:
+        key = (model, backend, policy, tenant, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key[:4], str(code))
+        child.inc()
+
+    def count_refusal(self, model: str, policy: str, tenant: str, reason: str) -> None:
+        key = (model, policy, tenant, reason)
+        child = self._refusals.get(key)
+        if child is None:
+            child = self._refusals[key] = self.refusals.labels(*key)
+        child.inc()
+
+    def observe_scoring(self, policy: str, seconds: float) -> None:
+        child = self._scoring.get(policy)
+        if child is None:
+            child = self._scoring[policy] = self.scoring.labels(policy)
+        child.observe(seconds)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """``GET /metrics`` in Prometheus' text format."""
+        return web.Response(
+            body=generate_latest(self.registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+
+class FleetCollector(Collector):
+    """Per-backend gauges, read from the fleet state when scraped (nothing per request)."""
+
+    def __init__(self, fleet: Fleet, outliers: OutlierDetector) -> None:
+        self.fleet = fleet
+        self.outliers = outliers
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.fleet.state
+        array = state.array
+        now = time.monotonic()
+        slot_labels = ["backend", "model"]
+        queue = GaugeMetricFamily(
+            "meshgate_backend_queue_depth", "Requests queued at the backend (its metrics).",
+            labels=slot_labels,
+        )  # fmt: skip
+        inflight = GaugeMetricFamily(
+            "meshgate_backend_inflight", "Requests the gateway has in flight to the backend.",
+            labels=slot_labels,
+        )  # fmt: skip
+        age = GaugeMetricFamily(
+            "meshgate_backend_signal_age_seconds",
+            "Age of the oldest expected signal; +Inf while never received.",
+            labels=slot_labels,
+        )  # fmt: skip
+        used = GaugeMetricFamily(
+            "meshgate_backend_vram_used_bytes", "VRAM used on the backend's most pressed GPU.",
+            labels=["backend"],
+        )  # fmt: skip
+        total = GaugeMetricFamily(
+            "meshgate_backend_vram_total_bytes", "VRAM of the backend's most pressed GPU.",
+            labels=["backend"],
+        )  # fmt: skip
+        ejections = CounterMetricFamily(
+            "meshgate_backend_ejections", "Times outlier detection ejected the backend.",
+            labels=["backend"],
+        )  # fmt: skip
+        for backend in self.fleet.backends:
+            slots = state.slots_of(backend.id)
+            for slot in slots:
+                labels = [backend.id, state.slot_keys[slot][1]]
+                row = array[slot]
+                queue.add_metric(labels, row[S.QUEUE_DEPTH])
+                inflight.add_metric(labels, row[S.INFLIGHT])
+                signal_at = row[S.SIGNAL_AT]
+                if signal_at != math.inf:  # +inf: no signal source is expected
+                    age.add_metric(labels, math.inf if math.isnan(signal_at) else now - signal_at)
+            if slots and backend.id in state.gpus:
+                # Every slot of a backend holds the same VRAM reading.
+                used.add_metric([backend.id], array[slots[0], S.VRAM_USED])
+                total.add_metric([backend.id], array[slots[0], S.VRAM_TOTAL])
+            count = cast(int, self.outliers.describe(backend.id)["ejections"])
+            ejections.add_metric([backend.id], count)
+        yield from (queue, inflight, age, used, total, ejections)

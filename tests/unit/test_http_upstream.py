@@ -1,0 +1,109 @@
+"""The keep-alive HTTP/1.1 pool that forwards unary infer to Triton's HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.http_upstream import HttpPool, UpstreamConnectionError
+from tests.conftest import free_port
+
+
+class EchoServer:
+    """Answers each request with its body; counts connections; can misbehave."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.close_after_reply = False
+        self.delay = 0.0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                await asyncio.sleep(self.delay)
+                extra = b"Connection: close\r\n" if self.close_after_reply else b""
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                    + extra
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                if self.close_after_reply:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[EchoServer, str]]:
+    echo = EchoServer()
+    port = free_port()
+    srv = await asyncio.start_server(echo.handle, "127.0.0.1", port)
+    yield echo, f"127.0.0.1:{port}"
+    srv.close()
+    for writer in echo.writers:
+        writer.close()
+
+
+async def test_replies_and_reuses_the_connection(server: tuple[EchoServer, str]) -> None:
+    echo, target = server
+    pool = HttpPool(target)
+    for payload in (b"first", b"x" * 300_000, b""):
+        reply = await pool.post("/v2/models/m/infer", [("Content-Type", "a/b")], payload, 5)
+        assert (reply.status, reply.body) == (200, payload)
+        assert reply.headers[b"content-type"] == b"application/octet-stream"
+    assert echo.connections == 1
+    pool.close()
+
+
+async def test_connection_close_reply_opens_a_new_connection(
+    server: tuple[EchoServer, str],
+) -> None:
+    echo, target = server
+    echo.close_after_reply = True
+    pool = HttpPool(target)
+    for _ in range(3):
+        assert (await pool.post("/p", [], b"abc", 5)).body == b"abc"
+    assert echo.connections == 3
+    pool.close()
+
+
+async def test_idle_connection_closed_by_server_is_replaced(server: tuple[EchoServer, str]) -> None:
+    echo, target = server
+    pool = HttpPool(target)
+    assert (await pool.post("/p", [], b"one", 5)).body == b"one"
+    for writer in echo.writers:  # the server drops its idle keep-alive connection
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert (await pool.post("/p", [], b"two", 5)).body == b"two"
+    assert echo.connections == 2
+    pool.close()
+
+
+async def test_refused_connection_is_an_upstream_connection_error() -> None:
+    pool = HttpPool(f"127.0.0.1:{free_port()}")
+    with pytest.raises(UpstreamConnectionError):
+        await pool.post("/p", [], b"x", 5)
+
+
+async def test_timeout_discards_the_connection(server: tuple[EchoServer, str]) -> None:
+    echo, target = server
+    pool = HttpPool(target)
+    echo.delay = 0.5
+    with pytest.raises(TimeoutError):
+        await pool.post("/p", [], b"slow", 0.05)
+    echo.delay = 0.0
+    # The timed-out exchange's reply must never be read as the next request's.
+    assert (await pool.post("/p", [], b"next", 5)).body == b"next"
+    assert echo.connections == 2
+    pool.close()
