@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,25 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """TLS to one backend's gRPC endpoint, as ``grpc.ssl_channel_credentials`` takes it.
+
+    The PEM bytes are read once, when the backend URL is parsed. No root certificates:
+    the system's; a certificate chain and its key: mutual TLS. Key material stays out
+    of ``repr``."""
+
+    root_certificates: bytes | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    # The name the server's certificate must carry, in place of the target's host.
+    server_name: str | None = None
+
+
+_BACKEND_PARAMETERS = frozenset({"metrics", "http", "id"})
+_TLS_PARAMETERS = frozenset({"ca", "cert", "key", "server_name"})
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """One Triton server: where its gRPC endpoint and (optionally) its metrics live."""
 
@@ -32,25 +52,97 @@ class BackendSpec:
     metrics_url: str | None = None
     # Triton's HTTP endpoint ("HOST:PORT"): unary infer is forwarded there as-is,
     # which costs far less per request than a grpc.aio call (bench/README.md).
+    # Always plain HTTP, also for a grpcs:// backend.
     http_target: str | None = None
+    # None: a plaintext gRPC channel (grpc://).
+    tls: GrpcTls | None = None
 
     @classmethod
-    def parse(cls, url: str, default_id: str) -> BackendSpec:
-        """Parse ``grpc://HOST:PORT[?metrics=URL][&http=HOST:PORT][&id=NAME]``."""
+    def parse(cls, url: str, default_id: str, base: Path | None = None) -> BackendSpec:
+        """Parse ``grpc://HOST:PORT[?metrics=URL][&http=HOST:PORT][&id=NAME]``, or
+        ``grpcs://`` with also ``[&ca=PEM][&cert=PEM&key=PEM][&server_name=NAME]``.
+
+        The PEM files are read here, relative to ``base`` (None: the working
+        directory); one that cannot be read or used is a ConfigError naming it."""
         parts = urlsplit(url if "://" in url else f"grpc://{url}")
-        if parts.scheme != "grpc":
-            raise ConfigError(f"backend {url!r}: expected scheme grpc://, got {parts.scheme}://")
+        if parts.scheme not in ("grpc", "grpcs"):
+            raise ConfigError(
+                f"backend {url!r}: expected scheme grpc:// or grpcs://, got {parts.scheme}://"
+            )
         if not parts.hostname or parts.port is None:
-            raise ConfigError(f"backend {url!r}: expected grpc://HOST:PORT")
-        query = parse_qs(parts.query)
-        metrics = query.get("metrics", [None])[0]
+            raise ConfigError(f"backend {url!r}: expected {parts.scheme}://HOST:PORT")
+        # Blank values kept so that grpcs:// can refuse an empty ca= or cert=.
+        query = parse_qs(parts.query, keep_blank_values=True)
+        tls = None
+        if parts.scheme == "grpcs":
+            tls = _grpc_tls(url, query, base)
+        elif misplaced := sorted(set(query) & _TLS_PARAMETERS):
+            raise ConfigError(f"backend {url!r}: {misplaced} need the grpcs:// scheme")
         backend_id = query.get("id", [default_id])[0] or default_id
         return cls(
             id=backend_id,
             grpc_target=f"{parts.hostname}:{parts.port}",
-            metrics_url=metrics,
-            http_target=query.get("http", [None])[0],
+            metrics_url=query.get("metrics", [None])[0] or None,
+            http_target=query.get("http", [None])[0] or None,
+            tls=tls,
         )
+
+
+def _grpc_tls(url: str, query: dict[str, list[str]], base: Path | None) -> GrpcTls:
+    unknown = set(query) - _BACKEND_PARAMETERS - _TLS_PARAMETERS
+    if unknown:
+        raise ConfigError(f"backend {url!r}: unknown parameters {sorted(unknown)}")
+    values = {name: query[name][0] for name in _TLS_PARAMETERS if name in query}
+    if empty := sorted(name for name, value in values.items() if not value):
+        raise ConfigError(f"backend {url!r}: {empty} must not be empty")
+    if ("cert" in values) != ("key" in values):
+        raise ConfigError(f"backend {url!r}: cert and key go together (mutual TLS) or not at all")
+    files = [name for name in ("ca", "cert", "key") if name in values]
+    paths = {name: (base or Path()) / values[name] for name in files}
+    pem = {name: _read_pem(url, name, path) for name, path in paths.items()}
+    # grpc would only fail at the first handshake, and say less: check what ssl can now.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if "ca" in pem:
+        try:
+            context.load_verify_locations(cadata=pem["ca"].decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"backend {url!r}: ca file {paths['ca']}: {exc}") from exc
+    if "cert" in pem:
+        try:
+            context.load_cert_chain(paths["cert"], paths["key"], password=_no_password)
+        except _EncryptedKey:
+            raise ConfigError(
+                f"backend {url!r}: key file {paths['key']} is encrypted; grpc needs a plain key"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"backend {url!r}: cert file {paths['cert']} with key file {paths['key']}: {exc}"
+            ) from exc
+    return GrpcTls(
+        root_certificates=pem.get("ca"),
+        certificate_chain=pem.get("cert"),
+        private_key=pem.get("key"),
+        server_name=values.get("server_name"),
+    )
+
+
+def _read_pem(url: str, name: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"backend {url!r}: {name} file {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"backend {url!r}: {name} file {path} is not PEM")
+    return data
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Called by ssl only for an encrypted key; without it OpenSSL would prompt on a tty.
+    raise _EncryptedKey
 
 
 DNS_SCHEME = "dns+grpc"
@@ -215,12 +307,14 @@ _DEFAULT_MODEL_SETTINGS = ModelSettings()
 
 
 def parse_backends(
-    urls: list[str],
+    urls: list[str], base: Path | None = None
 ) -> tuple[tuple[BackendSpec, ...], tuple[DnsBackendSpec, ...]]:
-    """The fixed backends (``grpc://``) and the DNS names (``dns+grpc://``) of ``urls``."""
+    """The fixed backends (``grpc://``, ``grpcs://``) and the DNS names (``dns+grpc://``)
+    of ``urls``; relative TLS file paths are relative to ``base`` (None: the working
+    directory)."""
     dns = tuple(DnsBackendSpec.parse(u) for u in urls if u.startswith(f"{DNS_SCHEME}://"))
     fixed = [u for u in urls if not u.startswith(f"{DNS_SCHEME}://")]
-    specs = tuple(BackendSpec.parse(url, f"b{i}") for i, url in enumerate(fixed))
+    specs = tuple(BackendSpec.parse(url, f"b{i}", base) for i, url in enumerate(fixed))
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"backend ids must be unique, got {ids}")
@@ -237,7 +331,8 @@ def load_config(path: Path | None) -> GatewayConfig:
         raise ConfigError(f"config {path}: {exc}") from exc
     gateway = dict(data.get("gateway", {}))
     backends, dns_backends = parse_backends(
-        [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])]
+        [b if isinstance(b, str) else b["url"] for b in data.get("backends", [])],
+        base=path.parent,  # grpcs:// file paths are relative to the config file
     )
     not_keys = {"backends", "dns_backends", "resolver", "models", "scoring", "admission", "outlier"}
     not_keys |= {"tenants"}

@@ -109,6 +109,20 @@ class UpstreamError(StatusError):
     type = "upstream_error"
 
 
+class ModelGone(UpstreamError):
+    """A backend answered that it does not have the model now (unloaded, not ready):
+    safe to try the next-ranked backend, and a hint to stop routing there."""
+
+    type = "model_not_ready"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 503)
+
+
+# Triton's words for a model it does not (or no longer) serve, over every protocol.
+TRITON_UNKNOWN_MODEL = "Request for unknown model"
+
+
 class UpstreamStalled(UpstreamError):
     """A streaming upstream went quiet for longer than the stream idle timeout."""
 

@@ -166,7 +166,7 @@ class Fleet:
             self.state.expect_runtime_signal(spec.id)
         backend = Backend(
             spec,
-            TritonChannel(spec.grpc_target, self._max_message_bytes),
+            TritonChannel(spec.grpc_target, self._max_message_bytes, spec.tls),
             HttpPool(spec.http_target) if spec.http_target else None,
         )
         self.backends.append(backend)

@@ -16,7 +16,15 @@ from fastpath.errors import FramingError
 from .api.keys import CONFIG, ROUTER
 from .auth import TENANT, TENANTS
 from .config import GatewayConfig
-from .errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError, UpstreamStalled
+from .errors import (
+    TRITON_UNKNOWN_MODEL,
+    BadRequest,
+    GatewayTimeout,
+    ModelGone,
+    Unavailable,
+    UpstreamError,
+    UpstreamStalled,
+)
 from .fleet import Backend
 from .http_upstream import UpstreamConnectionError
 from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
@@ -81,27 +89,38 @@ def admit(request: web.Request, model: str, version: str, affinity: bytes | None
 
 
 async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], timeout: float) -> T:
-    """Run ``call`` on the lease's first backend; if it could not be reached, once on
-    the next. Only safe before anything was sent to the client. Whatever fails once
-    the request's ``timeout`` has passed is a 504: Triton may word a missed deadline
-    as an internal error."""
-    retries = min(len(lease.slots), 2)
+    """Run ``call`` on the lease's first backend; if it could not be reached or says it
+    does not have the model now, once more on the next-ranked one, within the retry
+    budget. Only safe before anything was sent to the client. Whatever fails once the
+    request's ``timeout`` has passed is a 504: Triton may word a missed deadline as an
+    internal error."""
+    attempts = min(len(lease.slots), 2)
     for attempt, backend in enumerate(lease.attempts()):
+        final = attempt + 1 >= attempts
         try:
             result = await call(backend)
         except grpc.aio.AioRpcError as exc:
             if lease.elapsed() >= timeout:
                 raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded") from None
-            if not is_connection_failure(exc):
-                raise upstream_error(exc) from None
-            lease.backend_failed()
-            if attempt + 1 >= retries:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                lease.model_gone()
+                if final or not lease.may_retry():  # a retry takes from the budget
+                    raise ModelGone(exc.details() or "model not found") from None
+            elif is_connection_failure(exc):
+                lease.backend_failed()
+                if final or not lease.may_retry():  # a retry takes from the budget
+                    raise upstream_error(exc) from None
+            else:
                 raise upstream_error(exc) from None
         except TimeoutError:
             raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded") from None
+        except ModelGone:
+            lease.model_gone()
+            if final or not lease.may_retry():  # a retry takes from the budget
+                raise
         except UpstreamConnectionError as exc:
             lease.backend_failed()
-            if attempt + 1 >= retries:
+            if final or not lease.may_retry():  # a retry takes from the budget
                 raise Unavailable(f"backend {backend.id} unreachable: {exc}") from None
         except UpstreamStalled:
             lease.backend_failed()
@@ -156,6 +175,8 @@ async def stream_replies(
                 ) from None
             error, reply = decode_reply(grpc_wire.decode_stream_response, message)
             if error:
+                if error.startswith(TRITON_UNKNOWN_MODEL):
+                    raise ModelGone(error)
                 raise UpstreamError(error, 400)
             if reply is not None and reply.outputs:
                 started = True

@@ -3,8 +3,9 @@ growing period, health-checked while out, and brought back at reduced weight.
 
 Envoy-like defaults: 5 consecutive failures eject for 30 s x the number of times it
 was ejected (capped at 300 s); at most half the fleet is ever ejected; an ejected
-backend returns only once its period is over *and* `ServerReady` answers true over
-gRPC; it re-enters at weight 0.25, doubling each health-check interval up to 1.
+backend returns once its period is over and `ServerReady` answers true over gRPC, or
+as soon as a probe succeeds after one failed (the server was down and is back); it
+re-enters at weight 0.25, doubling each health-check interval up to 1.
 Failures are what say "this backend, not this request": connection failures,
 UNAVAILABLE, and stalled streams. A success resets the count.
 """
@@ -33,6 +34,9 @@ class _Record:
     ejections: int = 0
     ejected_until: float | None = None  # monotonic; None while in rotation
     weight: float = 1.0
+    # A health check failed during this ejection: a later success means the server
+    # came back (restarted), which ends the ejection early, as in Envoy.
+    seen_unhealthy: bool = False
 
 
 @dataclass
@@ -91,8 +95,11 @@ class OutlierDetector:
             if backend is None:  # it left the fleet (DNS discovery)
                 del self._records[backend_id]
             elif record.ejected_until is not None:
-                if now >= record.ejected_until and await _healthy(backend):
+                if not await _healthy(backend):
+                    record.seen_unhealthy = True
+                elif now >= record.ejected_until or record.seen_unhealthy:
                     record.ejected_until = None
+                    record.seen_unhealthy = False
                     record.weight = self.config.reentry_weight
                     self.fleet.state.set_circuit(backend_id, open=False, weight=record.weight)
                     log.info("backend %s back at weight %.2f", backend_id, record.weight)

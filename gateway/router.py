@@ -30,6 +30,8 @@ PRIORITY_HEADER = "x-meshgate-priority"
 SESSION_HEADER = "x-meshgate-session"
 # Bytes of the prompt (or session id) that decide prefix_affinity's home backend.
 AFFINITY_PREFIX_BYTES = 256
+RETRY_BUDGET_FRACTION = 0.2
+RETRY_BUDGET_MIN = 3
 
 
 def parse_priority(value: str | None) -> int:
@@ -49,6 +51,8 @@ class Router:
         self.scorer = Scorer(config.scoring, fleet.state.array)
         self.admitter = Admitter(config.admission, model_capacity=config.max_slots)
         self.outliers = OutlierDetector(fleet, config.outlier)
+        # Retries under way; bounded so that failover cannot multiply load in an outage.
+        self.retries_active = 0
         self._default_policy = check_policy(config.policy, "policy")
         self._policies = {
             name: check_policy(settings.policy, f"models.{name}.policy")
@@ -95,6 +99,7 @@ class Lease:
     __slots__ = (
         "_current",
         "_model_index",
+        "_retrying",
         "_router",
         "_started",
         "_ttft_recorded",
@@ -115,6 +120,7 @@ class Lease:
         self._started = started
         self._current = -1
         self._ttft_recorded = False
+        self._retrying = False
 
     def attempts(self) -> Iterator[Backend]:
         """The backends to try, best first; in-flight follows the one being tried."""
@@ -126,6 +132,23 @@ class Lease:
             backend = self._router.fleet.backend_of(slot)
             self.trail.attempt(backend.id)
             yield backend
+
+    def may_retry(self) -> bool:
+        """Take a retry from the budget: retries in flight stay within 20% of the
+        requests in flight (at least 3)."""
+        router = self._router
+        budget = max(RETRY_BUDGET_MIN, RETRY_BUDGET_FRACTION * router.admitter.inflight())
+        if self._retrying or router.retries_active >= budget:
+            return False
+        router.retries_active += 1
+        self._retrying = True
+        return True
+
+    def model_gone(self) -> None:
+        """The backend being tried does not have the model now: stop routing it there
+        until discovery says otherwise."""
+        if self._current >= 0:
+            self._router.fleet.state.set_ready(self._current, False)
 
     def backend_ok(self) -> None:
         """The backend being tried answered: its consecutive-failure count resets."""
@@ -158,6 +181,8 @@ class Lease:
             self.tenant.count_tokens(total)
 
     def close(self) -> None:
+        if self._retrying:
+            self._router.retries_active -= 1
         self.trail.upstream_done()
         self._leave()
         self._router.admitter.release(self._model_index, time.monotonic())

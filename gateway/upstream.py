@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from .config import GrpcTls
 from .errors import GatewayError, GatewayTimeout, UpstreamError
 
 _SERVICE = "/inference.GRPCInferenceService/"
@@ -44,26 +45,34 @@ def is_connection_failure(exc: grpc.aio.AioRpcError) -> bool:
 
 
 class TritonChannel:
-    """One gRPC channel to one Triton server.
+    """One gRPC channel to one Triton server: plaintext, or TLS when ``tls`` is given.
 
     ``infer``/``stream`` take and return serialized protobuf bytes; ``control`` is
     Triton's generated stub for the (cold) metadata, health and repository calls.
     """
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
+    def __init__(self, target: str, max_message_bytes: int, tls: GrpcTls | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                # A restarted Triton must be found again quickly, not after grpc's 120 s cap.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-            ],
-        )
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # A restarted Triton must be found again quickly, not after grpc's 120 s cap.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.root_certificates,
+                private_key=tls.private_key,
+                certificate_chain=tls.certificate_chain,
+            )
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.control = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         # No serializers: grpc sends our bytes as they are and hands back raw bytes.
         self._infer = self.channel.unary_unary(_SERVICE + "ModelInfer")

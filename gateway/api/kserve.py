@@ -16,7 +16,7 @@ from fastpath import grpc_wire
 from .. import kserve_codec as codec
 from .. import sse
 from ..config import GatewayConfig
-from ..errors import BadRequest, GatewayError, UpstreamError
+from ..errors import BadRequest, GatewayError, ModelGone, UpstreamError
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
     admit,
@@ -161,7 +161,10 @@ async def infer(request: web.Request) -> web.Response:
     async def on(backend: Backend) -> web.Response:
         if passthrough and backend.http is not None:
             headers = _forwarded_headers(request, lease.trail.metadata)
-            return _passthrough(await backend.http.post(request.raw_path, headers, body, timeout))
+            reply = await backend.http.post(request.raw_path, headers, body, timeout)
+            if reply.status == 404:  # the fleet knows the model: this backend lost it
+                raise ModelGone(reply.body.decode("utf-8", "replace"))
+            return _passthrough(reply)
         if not grpc_call:
             grpc_call.append(codec.encode_infer(model, version, parsed))
         call = grpc_call[0]

@@ -198,3 +198,19 @@ async def test_request_limits(keyed_gateway: Gateway) -> None:
         big = {f"x-filler-{i}": "f" * 1500 for i in range(3)}  # 4.5 KiB of headers
         status, body, _ = await post(session, url + "/v1/chat/completions", chat(), headers | big)
         assert (status, error_type(body)) == (431, "http_error")
+
+
+def test_openai_client_sees_authentication_and_rate_limit_errors(keyed_gateway: Gateway) -> None:
+    """The official client maps the gateway's 401 and tenant 429 to its own exceptions."""
+    openai = pytest.importorskip("openai")
+    base = keyed_gateway.url + "/v1"
+    for key in ("sk-not-a-key", ""):
+        client = openai.OpenAI(base_url=base, api_key=key or "unset", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(**chat())
+    good = openai.OpenAI(base_url=base, api_key=KEYS["steady"], max_retries=0)
+    assert good.chat.completions.create(**chat()).choices[0].message.content
+    limited = openai.OpenAI(base_url=base, api_key=KEYS["ratelimited"], max_retries=0)
+    with pytest.raises(openai.RateLimitError):  # its one request per 100 s is long used
+        for _ in range(2):
+            limited.chat.completions.create(**chat())
