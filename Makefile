@@ -43,8 +43,11 @@ unit: build
 e2e: build triton-venv
 	$(BIN)/python -m pytest tests/e2e -q
 
+# pytest-benchmark suite; JSON lands in bench/results/. Scenario scripts: bench/README.md.
 bench: build triton-venv
-	$(BIN)/python -m pytest bench -q --benchmark-only
+	mkdir -p bench/results
+	$(BIN)/python -m pytest bench -q --benchmark-only \
+		--benchmark-json=bench/results/benchmarks-$$(date +%Y%m%d-%H%M%S).json
 
 lint: venv
 	$(BIN)/ruff check gateway fastpath adapters tests bench

@@ -39,10 +39,10 @@ from typing import Any
 import aiohttp
 import openai
 
+from bench.peers import local_fleet_and_gateway
 from gateway.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
+from tests.e2e.conftest import Gateway, stop_gateway
 
 RESULTS = Path(__file__).with_name("results")
 CONTENT = "We hold these truths"
@@ -187,22 +187,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def own_setup(args: argparse.Namespace, run_dir: Path) -> tuple[TritonFleet, Gateway]:
-    fleet = TritonFleet(args.servers, free_port_base(10 * args.servers), MODEL_REPOSITORY, run_dir)
-    fleet.start()
-    try:
-        backends = [f"grpc://{s.grpc_url}" for s in fleet.servers]
-        gateway = start_gateway(backends, run_dir / "gateway.log")
-    except BaseException:
-        fleet.stop()
-        raise
-    deadline = time.monotonic() + 60
-    while http_status(f"{gateway.url}/v2/models/{args.model}/ready") != 200:
-        if time.monotonic() > deadline:
-            stop_gateway(gateway)
-            fleet.stop()
-            raise RuntimeError("the gateway never found the model ready")
-        time.sleep(0.2)
-    return fleet, gateway
+    return local_fleet_and_gateway(args.servers, run_dir, args.model)
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.conftest import free_port
+from gateway.local_triton import TritonFleet
+from tests.conftest import free_port, free_port_base
+from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
 
 NGINX_PACKAGE = "nginx-light"
 # nginx's upstream directive per method; round-robin is nginx's default, so it has none.
@@ -61,6 +63,9 @@ def nginx_config(upstreams: Sequence[str], listeners: dict[str, int], workdir: P
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
+            # Stream request bodies upstream: no temp files (the worker runs as an
+            # unprivileged user that cannot write under the bench's directory).
+            proxy_request_buffering off;
             proxy_read_timeout 600s;
         }}
     }}"""
@@ -73,6 +78,7 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     client_max_body_size 0;
+    client_body_buffer_size 16m;
     client_body_temp_path {temp / "body"};
     proxy_temp_path {temp / "proxy"};
     fastcgi_temp_path {temp / "fastcgi"};
@@ -156,3 +162,26 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def local_fleet_and_gateway(
+    servers: int, run_dir: Path, model: str, *gateway_flags: str
+) -> tuple[TritonFleet, Gateway]:
+    """``servers`` real Tritons on free ports and a gateway in front of them (over gRPC),
+    returned once the gateway has ``model`` ready; both stopped again on failure."""
+    fleet = TritonFleet(servers, free_port_base(10 * servers), MODEL_REPOSITORY, run_dir)
+    fleet.start()
+    try:
+        backends = [f"grpc://{s.grpc_url}" for s in fleet.servers]
+        gateway = start_gateway(backends, run_dir / "gateway.log", *gateway_flags)
+    except BaseException:
+        fleet.stop()
+        raise
+    deadline = time.monotonic() + 60
+    while http_status(f"{gateway.url}/v2/models/{model}/ready") != 200:
+        if time.monotonic() > deadline:
+            stop_gateway(gateway)
+            fleet.stop()
+            raise RuntimeError(f"the gateway never found {model} ready")
+        time.sleep(0.2)
+    return fleet, gateway

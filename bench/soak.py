@@ -28,9 +28,9 @@ from typing import Any
 
 import aiohttp
 
+from bench.peers import local_fleet_and_gateway
 from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
+from tests.e2e.conftest import Gateway, stop_gateway
 
 RESULTS = Path(__file__).with_name("results")
 HANG_UP_EVERY = 10
@@ -140,30 +140,17 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def own_setup(args: argparse.Namespace, run_dir: Path) -> tuple[TritonFleet, Gateway]:
-    fleet = TritonFleet(args.servers, free_port_base(10 * args.servers), MODEL_REPOSITORY, run_dir)
-    fleet.start()
-    # Admit every stream: the soak measures the gateway holding them, not shedding them.
+    # Admit every stream and let Triton queue them: the soak measures the gateway
+    # holding them, not shedding them (neither admission limits nor queue saturation).
     config = run_dir / "soak.toml"
     limit = args.streams + 16
     config.write_text(
         "[admission]\n"
         f"max_inflight = {limit}\nmax_inflight_hard = {limit}\n"
         f"model_max_inflight = {limit}\nmodel_max_inflight_hard = {limit}\n"
+        f"[scoring]\nqueue_saturation = {limit}\n"
     )
-    try:
-        backends = [f"grpc://{s.grpc_url}" for s in fleet.servers]
-        gateway = start_gateway(backends, run_dir / "gateway.log", "--config", str(config))
-    except BaseException:
-        fleet.stop()
-        raise
-    deadline = time.monotonic() + 60
-    while http_status(f"{gateway.url}/v2/models/tiny_lm/ready") != 200:
-        if time.monotonic() > deadline:
-            stop_gateway(gateway)
-            fleet.stop()
-            raise RuntimeError("the gateway never found tiny_lm ready")
-        time.sleep(0.2)
-    return fleet, gateway
+    return local_fleet_and_gateway(args.servers, run_dir, "tiny_lm", "--config", str(config))
 
 
 def main() -> None:

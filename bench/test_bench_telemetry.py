@@ -14,9 +14,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bench.test_bench_gateway import _binary_infer_body, _post
+from bench.test_bench_gateway import binary_infer_body, post
 from gateway.local_triton import TritonFleet
 from tests.e2e.conftest import Gateway, start_gateway, stop_gateway
 
@@ -52,15 +53,16 @@ def test_infer_with_and_without_telemetry(
 ) -> None:
     host, port = telemetry_gateway.host_port.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    body, headers = _binary_infer_body()
+    tensor = np.random.default_rng(0).standard_normal((1, 384)).astype(np.float32).tobytes()
+    body, headers = binary_infer_body([("INPUT", "FP32", [1, 384], tensor)], ["OUTPUT"])
     path = "/v2/models/embed/infer"
     try:
         for _ in range(50):  # warm the connection, the models and the metric children
-            _post(conn, path, body, headers)
+            post(conn, path, body, headers)
         pid = telemetry_gateway.process.pid
         cpu_before = _cpu_seconds(pid)
         benchmark.pedantic(  # type: ignore[attr-defined]
-            _post, args=(conn, path, body, headers), rounds=ROUNDS, warmup_rounds=0
+            post, args=(conn, path, body, headers), rounds=ROUNDS, warmup_rounds=0
         )
         cpu_us = (_cpu_seconds(pid) - cpu_before) / ROUNDS * 1e6
     finally:

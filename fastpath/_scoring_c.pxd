@@ -45,7 +45,7 @@ cdef class Scorer:
         n=Py_ssize_t, rows=Py_ssize_t, start=Py_ssize_t, eligible=Py_ssize_t,
         saturated=Py_ssize_t, have_home=bint, home_hash="unsigned long long", home_pos=Py_ssize_t,
         i=Py_ssize_t, j=Py_ssize_t, s=int, weight=double, is_home=bint,
-        h="unsigned long long", load=double, limit=double, total=double, vram=double,
+        h="unsigned long long", load=double, limit=double, vram=double,
         key=double, count=Py_ssize_t, first=Py_ssize_t, r="unsigned long long",
         a=Py_ssize_t, b=Py_ssize_t, slots="int[::1]", keys="double[::1]",
         state="const double[:, ::1]",
@@ -57,6 +57,15 @@ cdef class Scorer:
         double now,
         unsigned long long affinity_key,
     ) noexcept nogil
+
+    @cython.locals(state="const double[:, ::1]", load=double, key=double)
+    cpdef double score(self, Py_ssize_t slot) except? -1.0
+
+    @cython.locals(limit=double)
+    cdef double _limit(self, Py_ssize_t s) noexcept nogil
+
+    @cython.locals(total=double)
+    cdef double _vram(self, Py_ssize_t s) noexcept nogil
 
     cdef double _score(self, double queue, double vram, double kv, double ttft) noexcept nogil
 

@@ -234,11 +234,8 @@ class Scorer:
                     home_pos = -1
                     is_home = True
             load = state[s, QUEUE_DEPTH] + state[s, INFLIGHT]
-            limit = state[s, QUEUE_LIMIT]
-            if not limit > 0.0:
-                limit = self.queue_saturation
-            total = state[s, VRAM_TOTAL]
-            vram = state[s, VRAM_USED] / total if total > 0.0 else 0.0
+            limit = self._limit(s)
+            vram = self._vram(s)
             # Written so that NaN (never signalled, unreadable) fails each test: unknown
             # state counts as saturated, never as idle.
             if not (
@@ -293,6 +290,31 @@ class Scorer:
         for i in range(count):
             self._ranked[i] = slots[i]
         return count
+
+    def score(self, slot: int) -> float:
+        """The hybrid score of ``slot`` as ``rank`` weighs it (lower is better), whatever
+        the hard filters say: what operators see next to the ranking in /admin/fleet."""
+        if slot < 0 or slot >= self._state.shape[0]:
+            raise IndexError(f"slot {slot} is outside the state array")
+        state = self._state
+        load = state[slot, QUEUE_DEPTH] + state[slot, INFLIGHT]
+        key = self._score(
+            load / self._limit(slot),
+            self._vram(slot),
+            state[slot, KV_FRACTION],
+            state[slot, TTFT_EWMA],
+        )
+        return float(key / state[slot, WEIGHT])
+
+    def _limit(self, s: int) -> float:
+        """Queue depth + in-flight at which the slot is saturated."""
+        limit = self._state[s, QUEUE_LIMIT]
+        return limit if limit > 0.0 else self.queue_saturation
+
+    def _vram(self, s: int) -> float:
+        """Fraction of VRAM in use; 0 when the total is unknown."""
+        total = self._state[s, VRAM_TOTAL]
+        return self._state[s, VRAM_USED] / total if total > 0.0 else 0.0
 
     def _score(self, queue: float, vram: float, kv: float, ttft: float) -> float:
         """The hybrid score before the WEIGHT division (see ScoringConfig); NaN = absent."""

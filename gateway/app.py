@@ -90,7 +90,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[ROUTER] = router
     lifecycle = Lifecycle()
     app[LIFECYCLE] = lifecycle
-    metrics = Metrics(fleet, router.outliers) if config.metrics else None
+    metrics = Metrics(fleet, router.outliers, router.scorer) if config.metrics else None
     app[TELEMETRY] = Telemetry(metrics, tracing)
     if metrics is not None:
         app.router.add_get("/metrics", metrics.handle)

@@ -278,16 +278,28 @@ class TritonFleet:
             self._processes[index] = None
 
     def restart(self, index: int) -> None:
-        """Start server ``index`` again on the same ports (stopping it first if running)."""
-        self._terminate([index])
-        self._check_ports(index)
-        server = self._launch(index, fresh_log=False)
-        self.servers[index] = server
-        try:
-            self._wait_ready(server)
-        except BaseException:
+        """Start server ``index`` again on the same ports (stopping it first if running).
+
+        Triton 2.51 sometimes aborts while loading python-backend models right after a
+        SIGKILL of its predecessor (boost::interprocess::lock_exception); like a process
+        supervisor, this tries once more when the new process dies during startup."""
+        for attempt in range(2):
             self._terminate([index])
-            raise
+            self._check_ports(index)
+            server = self._launch(index, fresh_log=False)
+            self.servers[index] = server
+            try:
+                self._wait_ready(server)
+                return
+            except TritonLaunchError:
+                process = self._processes[index]
+                crashed = process is not None and process.poll() is not None
+                self._terminate([index])
+                if attempt == 1 or not crashed:
+                    raise
+            except BaseException:
+                self._terminate([index])
+                raise
 
     def _check_ports(self, index: int) -> None:
         for port in server_ports(self.port_base, index):

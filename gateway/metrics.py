@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fastpath import state as S
+from fastpath.scoring import Scorer
 
 from .fleet import Fleet
 from .outliers import OutlierDetector
@@ -54,7 +55,7 @@ class Series:
 class Metrics:
     """The gateway's registry; its methods reuse each label tuple's children once made."""
 
-    def __init__(self, fleet: Fleet, outliers: OutlierDetector) -> None:
+    def __init__(self, fleet: Fleet, outliers: OutlierDetector, scorer: Scorer) -> None:
         self.fleet = fleet
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -94,7 +95,7 @@ class Metrics:
             "meshgate_scoring_seconds", "Time to rank the candidates and decide admission.",
             ("policy",), buckets=_SCORING_BUCKETS, registry=r,
         )  # fmt: skip
-        r.register(FleetCollector(fleet, outliers))
+        r.register(FleetCollector(fleet, outliers, scorer))
         self._series: dict[tuple[str, str, str, str], Series] = {}
         self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
         self._refusals: dict[tuple[str, str, str, str], Counter] = {}
@@ -142,9 +143,10 @@ class Metrics:
 class FleetCollector(Collector):
     """Per-backend gauges, read from the fleet state when scraped (nothing per request)."""
 
-    def __init__(self, fleet: Fleet, outliers: OutlierDetector) -> None:
+    def __init__(self, fleet: Fleet, outliers: OutlierDetector, scorer: Scorer) -> None:
         self.fleet = fleet
         self.outliers = outliers
+        self.scorer = scorer
 
     def collect(self) -> Iterator[Metric]:
         state = self.fleet.state
@@ -172,6 +174,11 @@ class FleetCollector(Collector):
             "meshgate_backend_vram_total_bytes", "VRAM of the backend's most pressed GPU.",
             labels=["backend"],
         )  # fmt: skip
+        score = GaugeMetricFamily(
+            "meshgate_backend_score",
+            "The slot's hybrid score (lower is better), before the hard filters.",
+            labels=slot_labels,
+        )
         ejections = CounterMetricFamily(
             "meshgate_backend_ejections", "Times outlier detection ejected the backend.",
             labels=["backend"],
@@ -183,6 +190,7 @@ class FleetCollector(Collector):
                 row = array[slot]
                 queue.add_metric(labels, row[S.QUEUE_DEPTH])
                 inflight.add_metric(labels, row[S.INFLIGHT])
+                score.add_metric(labels, self.scorer.score(slot))
                 signal_at = row[S.SIGNAL_AT]
                 if signal_at != math.inf:  # +inf: no signal source is expected
                     age.add_metric(labels, math.inf if math.isnan(signal_at) else now - signal_at)
@@ -192,4 +200,4 @@ class FleetCollector(Collector):
                 total.add_metric([backend.id], array[slots[0], S.VRAM_TOTAL])
             count = cast(int, self.outliers.describe(backend.id)["ejections"])
             ejections.add_metric([backend.id], count)
-        yield from (queue, inflight, age, used, total, ejections)
+        yield from (queue, inflight, age, used, total, score, ejections)

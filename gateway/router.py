@@ -98,11 +98,12 @@ class Lease:
 
     __slots__ = (
         "_current",
+        "_first_at",
+        "_later_responses",
         "_model_index",
         "_retrying",
         "_router",
         "_started",
-        "_ttft_recorded",
         "slots",
         "tenant",
         "trail",
@@ -119,7 +120,8 @@ class Lease:
         self.slots = slots
         self._started = started
         self._current = -1
-        self._ttft_recorded = False
+        self._first_at = 0.0  # monotonic time of the first response; 0: none yet
+        self._later_responses = 0
         self._retrying = False
 
     def attempts(self) -> Iterator[Backend]:
@@ -151,7 +153,11 @@ class Lease:
             self._router.fleet.state.set_ready(self._current, False)
 
     def backend_ok(self) -> None:
-        """The backend being tried answered: its consecutive-failure count resets."""
+        """The backend being tried answered: its consecutive-failure count resets, and a
+        retry that got its answer gives its place in the budget back."""
+        if self._retrying:
+            self._retrying = False
+            self._router.retries_active -= 1
         if self._current >= 0:
             self._router.outliers.succeeded(self._router.fleet.state.slot_keys[self._current][0])
 
@@ -166,13 +172,14 @@ class Lease:
 
     def first_response(self) -> None:
         """Record time to first response (first token) on the slot that served it."""
-        if not self._ttft_recorded and self._current >= 0:
-            self._ttft_recorded = True
-            self._router.fleet.state.record_ttft(self._current, time.monotonic() - self._started)
+        if not self._first_at and self._current >= 0:
+            self._first_at = time.monotonic()
+            self._router.fleet.state.record_ttft(self._current, self._first_at - self._started)
             self.trail.first_response()
 
     def token(self) -> None:
         """One more streamed response after the first."""
+        self._later_responses += 1
         self.trail.token()
 
     def count_tokens(self, total: int) -> None:
@@ -184,6 +191,10 @@ class Lease:
         if self._retrying:
             self._router.retries_active -= 1
         self.trail.upstream_done()
+        if self._later_responses and self._current >= 0:
+            # Time per output token, over the stream (one clock read per request).
+            per_token = (time.monotonic() - self._first_at) / self._later_responses
+            self._router.fleet.state.record_tpot(self._current, per_token)
         self._leave()
         self._router.admitter.release(self._model_index, time.monotonic())
         if self.tenant is not None:

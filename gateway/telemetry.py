@@ -257,7 +257,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     tracer = telemetry.tracing.tracer
     span = None
     metadata: Metadata = ()
-    if tracer is not None:
+    if tracer is not None and (incoming is not None or telemetry.tracing.samples_new_traces):
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         name = f"{request.method} {route}"

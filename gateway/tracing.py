@@ -28,9 +28,12 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 class Tracing:
     """The gateway's tracer, or none when tracing is off."""
 
-    def __init__(self, provider: TracerProvider | None) -> None:
+    def __init__(self, provider: TracerProvider | None, sample_ratio: float = 0.0) -> None:
         self.provider = provider
         self.tracer: Tracer | None = provider.get_tracer("meshgate") if provider else None
+        # At ratio 0 a request without a caller's trace is never recorded: skip its
+        # span entirely rather than pay for a non-recording one.
+        self.samples_new_traces = sample_ratio > 0.0
 
     def shutdown(self) -> None:
         """Flush what is still batched; called once at app cleanup."""
@@ -69,7 +72,7 @@ def tracing_from_config(config: GatewayConfig) -> Tracing:
 
         # None: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else http://localhost:4318/v1/traces.
         exporter = OTLPSpanExporter(endpoint=config.trace_endpoint)
-    return Tracing(provider(exporter, config.trace_sample_ratio))
+    return Tracing(provider(exporter, config.trace_sample_ratio), config.trace_sample_ratio)
 
 
 def incoming_context(headers: Mapping[str, str]) -> Context | None:

@@ -74,6 +74,10 @@ async def fleet_view(request: web.Request) -> web.Response:
                 fleet.state.slot_keys[s][0] for s in router.scorer.ranked[:ranked].tolist()
             ],
             "saturated": router.scorer.saturated,
+            # Hybrid score per backend (lower is better), whatever the policy ranks by.
+            "scores": {
+                fleet.state.slot_keys[s][0]: router.scorer.score(s) for s in candidates.tolist()
+            },
             "inflight": router.admitter.inflight(fleet.state.model_index[model]),
         }
     backends = fleet.describe(now)

@@ -80,3 +80,9 @@ async def test_admin_fleet_view_and_auth(round_robin_gateway: Gateway) -> None:
     assert "runtime" in tiny["signal_ages_s"]
     assert view["models"]["embed"]["policy"] == "round_robin"
     assert sorted(view["models"]["embed"]["ranking"]) == ["b0", "b1"]
+    scores = view["models"]["embed"]["scores"]
+    assert sorted(scores) == ["b0", "b1"] and all(score >= 0 for score in scores.values())
+    async with aiohttp.ClientSession() as session:
+        async with session.get(round_robin_gateway.url + "/metrics") as r:
+            exposition = await r.text()
+    assert 'meshgate_backend_score{backend="b0",model="embed"}' in exposition

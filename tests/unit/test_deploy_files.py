@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from adapters.triton_runtime import SCRAPED
+from fastpath.scoring import Scorer, ScoringConfig
 from gateway.cli import _serve_config, build_parser
 from gateway.config import DnsBackendSpec, GatewayConfig, OutlierConfig
 from gateway.fleet import Fleet
@@ -236,7 +237,8 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
 def exported_metric_names() -> set[str]:
     """Sample names the gateway's /metrics can show, and the Triton names meshgate reads."""
     fleet = Fleet(GatewayConfig())
-    metrics = Metrics(fleet, OutlierDetector(fleet, OutlierConfig()))
+    scorer = Scorer(ScoringConfig(), fleet.state.array)
+    metrics = Metrics(fleet, OutlierDetector(fleet, OutlierConfig()), scorer)
     names = {
         family.name + suffix
         for family in metrics.registry.collect()

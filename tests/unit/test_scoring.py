@@ -362,3 +362,20 @@ def test_twins_agree(
                 ranked = scorer.rank(candidates, policy, NOW, key)
             results.append((ranked, scorer.ranked[:ranked].tolist(), scorer.saturated))
         assert results[0] == results[1], (policy, key)
+    with np.errstate(all="ignore"):
+        scores = [[scorer.score(slot) for slot in range(len(fleet_rows))] for scorer in scorers]
+    # NaN != NaN: compare the scores as their reprs so that NaN matches NaN.
+    assert [repr(x) for x in scores[0]] == [repr(x) for x in scores[1]]
+
+
+def test_score_orders_like_hybrid(impl: ModuleType) -> None:
+    state = fleet(3)
+    state[0, S.QUEUE_DEPTH] = 10.0
+    state[2, S.TTFT_EWMA] = 0.5
+    scorer = impl.Scorer(impl.ScoringConfig(), state)
+    scores = [scorer.score(slot) for slot in range(3)]
+    assert scores[1] < scores[2] < scores[0]
+    ranked = scorer.rank(np.arange(3, dtype=np.int32), S.POLICY_HYBRID, NOW, 0)
+    assert scorer.ranked[:ranked].tolist() == [1, 2, 0]
+    with pytest.raises(IndexError):
+        scorer.score(3)

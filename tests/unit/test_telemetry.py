@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
+from fastpath.scoring import Scorer, ScoringConfig
 from fastpath.state import POLICY_HYBRID
 from gateway.config import ConfigError, GatewayConfig
 from gateway.fleet import Fleet
@@ -39,8 +40,12 @@ def fleet() -> Fleet:
 def _telemetry(fleet: Fleet, exporter: InMemorySpanExporter, ratio: float) -> Telemetry:
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    metrics = Metrics(fleet, OutlierDetector(fleet, GatewayConfig().outlier))
-    return Telemetry(metrics, Tracing(provider))
+    return Telemetry(_metrics(fleet), Tracing(provider, ratio))
+
+
+def _metrics(fleet: Fleet) -> Metrics:
+    scorer = Scorer(ScoringConfig(), fleet.state.array)
+    return Metrics(fleet, OutlierDetector(fleet, GatewayConfig().outlier), scorer)
 
 
 def _serve(telemetry: Telemetry, headers: dict[str, str], tokens: int) -> Trail:
@@ -85,7 +90,7 @@ def test_trail_records_metrics(fleet: Fleet) -> None:
 
 
 def test_unknown_model_names_do_not_become_series(fleet: Fleet) -> None:
-    metrics = Metrics(fleet, OutlierDetector(fleet, GatewayConfig().outlier))
+    metrics = _metrics(fleet)
     assert metrics.model_label("embed") == "embed"
     assert metrics.model_label("made-up-by-a-client") == "-"
     assert metrics.model_label(None) == "-"
