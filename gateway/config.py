@@ -249,6 +249,10 @@ class GatewayConfig:
     stream_idle_timeout_s: float = 30.0
     # On SIGTERM: stop accepting, then let in-flight requests finish for this long.
     drain_timeout_s: float = 30.0
+    # Failover retries in flight stay within this share of the requests in flight,
+    # and never below retry_budget_min (Envoy's retry budget, same defaults).
+    retry_budget_fraction: float = 0.2
+    retry_budget_min: int = 3
     log_level: str = "INFO"
     # Prometheus metrics at GET /metrics; off skips their per-request updates too.
     metrics: bool = True

@@ -107,7 +107,7 @@ async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], t
                 if final or not lease.may_retry():  # a retry takes from the budget
                     raise ModelGone(exc.details() or "model not found") from None
             elif is_connection_failure(exc):
-                lease.backend_failed()
+                lease.backend_unreachable()
                 if final or not lease.may_retry():  # a retry takes from the budget
                     raise upstream_error(exc) from None
             else:
@@ -119,7 +119,7 @@ async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], t
             if final or not lease.may_retry():  # a retry takes from the budget
                 raise
         except UpstreamConnectionError as exc:
-            lease.backend_failed()
+            lease.backend_unreachable()
             if final or not lease.may_retry():  # a retry takes from the budget
                 raise Unavailable(f"backend {backend.id} unreachable: {exc}") from None
         except UpstreamStalled:

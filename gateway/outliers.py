@@ -37,6 +37,9 @@ class _Record:
     # A health check failed during this ejection: a later success means the server
     # came back (restarted), which ends the ejection early, as in Envoy.
     seen_unhealthy: bool = False
+    # A request could not connect: out of rotation until a probe answers (not an
+    # ejection: no growing period; the failure still counts towards one).
+    unreachable: bool = False
 
 
 @dataclass
@@ -58,6 +61,15 @@ class OutlierDetector:
         record.failures += 1
         if record.ejected_until is None and record.failures >= self.config.consecutive_failures:
             self._eject(backend_id, record)
+
+    def unreachable(self, backend_id: str) -> None:
+        """A request could not reach the backend: stop routing to it now, probe it every
+        health-check interval, and count the failure towards an ejection."""
+        record = self._record(backend_id)
+        if not record.unreachable:
+            record.unreachable = True
+            self.fleet.state.set_circuit(backend_id, open=True, weight=record.weight)
+        self.failed(backend_id)
 
     def ejected(self) -> list[str]:
         return [b for b, r in self._records.items() if r.ejected_until is not None]
@@ -99,10 +111,15 @@ class OutlierDetector:
                     record.seen_unhealthy = True
                 elif now >= record.ejected_until or record.seen_unhealthy:
                     record.ejected_until = None
-                    record.seen_unhealthy = False
+                    record.seen_unhealthy = record.unreachable = False
                     record.weight = self.config.reentry_weight
                     self.fleet.state.set_circuit(backend_id, open=False, weight=record.weight)
                     log.info("backend %s back at weight %.2f", backend_id, record.weight)
+            elif record.unreachable:
+                if await _healthy(backend):
+                    record.unreachable = False
+                    self.fleet.state.set_circuit(backend_id, open=False, weight=record.weight)
+                    log.info("backend %s reachable again", backend_id)
             elif record.weight < 1.0:
                 record.weight = min(1.0, record.weight * 2)
                 self.fleet.state.set_circuit(backend_id, open=False, weight=record.weight)
@@ -116,6 +133,7 @@ class OutlierDetector:
             "consecutive_failures": record.failures,
             "ejections": record.ejections,
             "ejected_for_s": remaining,
+            "unreachable": record.unreachable,
             "weight": record.weight,
         }
 

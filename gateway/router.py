@@ -30,8 +30,6 @@ PRIORITY_HEADER = "x-meshgate-priority"
 SESSION_HEADER = "x-meshgate-session"
 # Bytes of the prompt (or session id) that decide prefix_affinity's home backend.
 AFFINITY_PREFIX_BYTES = 256
-RETRY_BUDGET_FRACTION = 0.2
-RETRY_BUDGET_MIN = 3
 
 
 def parse_priority(value: str | None) -> int:
@@ -53,6 +51,8 @@ class Router:
         self.outliers = OutlierDetector(fleet, config.outlier)
         # Retries under way; bounded so that failover cannot multiply load in an outage.
         self.retries_active = 0
+        self.retry_budget_fraction = config.retry_budget_fraction
+        self.retry_budget_min = config.retry_budget_min
         self._default_policy = check_policy(config.policy, "policy")
         self._policies = {
             name: check_policy(settings.policy, f"models.{name}.policy")
@@ -136,10 +136,13 @@ class Lease:
             yield backend
 
     def may_retry(self) -> bool:
-        """Take a retry from the budget: retries in flight stay within 20% of the
-        requests in flight (at least 3)."""
+        """Take a retry from the budget: retries in flight stay within
+        ``retry_budget_fraction`` of the requests in flight (at least
+        ``retry_budget_min``; by default 20% and 3)."""
         router = self._router
-        budget = max(RETRY_BUDGET_MIN, RETRY_BUDGET_FRACTION * router.admitter.inflight())
+        budget = max(
+            router.retry_budget_min, router.retry_budget_fraction * router.admitter.inflight()
+        )
         if self._retrying or router.retries_active >= budget:
             return False
         router.retries_active += 1
@@ -160,6 +163,12 @@ class Lease:
             self._router.retries_active -= 1
         if self._current >= 0:
             self._router.outliers.succeeded(self._router.fleet.state.slot_keys[self._current][0])
+
+    def backend_unreachable(self) -> None:
+        """The backend being tried could not be reached: out of rotation at once, until
+        a health probe answers (see OutlierDetector.unreachable)."""
+        if self._current >= 0:
+            self._router.outliers.unreachable(self._router.fleet.state.slot_keys[self._current][0])
 
     def backend_failed(self) -> None:
         """The backend being tried failed as a backend (unreachable, stalled)."""

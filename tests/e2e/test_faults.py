@@ -23,9 +23,16 @@ import numpy as np
 import pytest
 import tritonclient.http.aio as triton_http
 
-from gateway.local_triton import TritonFleet
+from gateway.local_triton import TritonFleet, TritonServer
 from tests.conftest import free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
+from tests.e2e.conftest import (
+    MODEL_REPOSITORY,
+    Gateway,
+    http_status,
+    start_gateway,
+    stop_gateway,
+    triton_metric,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +43,7 @@ LOAD_S = 30.0
 BACK_IN_SERVICE_S = 10.0  # the restarted server must see traffic within this
 REQUEST_TIMEOUT_S = 20.0  # generous: a request slower than this counts as hung
 LOOPS_PER_KIND = 3
-TOKENS = 40  # 5 ms each in tiny_lm: a stream spans ~0.2 s, so kills land mid-stream
+TOKENS = 200  # 5 ms each in tiny_lm: a stream spans ~1 s, so a kill lands mid-stream
 EMBED_BODY = {
     "inputs": [
         {
@@ -66,9 +73,17 @@ def fleet(run_dir: Path) -> Iterator[TritonFleet]:
 @pytest.fixture(scope="module")
 def fault_gateway(fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
     backends = [f"grpc://{s.grpc_url}?metrics={s.metrics_url}" for s in fleet.servers]
+    # The default retry budget (20% of requests in flight, at least 3) would refuse
+    # some of the retries this kill needs, by design: with 1 s streams up to ~5
+    # requests wait on the victim when it dies. Room for all of them, so that this test
+    # checks failover itself; the budget is what a real outage of many servers needs.
+    config = run_dir / "faults.toml"
+    config.write_text(f"[gateway]\nretry_budget_min = {3 * LOOPS_PER_KIND}\n")
     gw = start_gateway(
         backends,
         run_dir / "faults-gateway.log",
+        "--config",
+        str(config),
         "--policy",
         "round_robin",
         "--scrape-interval",
@@ -183,6 +198,22 @@ async def wait_for_traffic(fleet: TritonFleet) -> float:
     return time.monotonic() - start
 
 
+TOKENS_METRIC = "tiny_lm_tokens_generated_total"
+
+
+async def generating_on(server: TritonServer, within_s: float = 5.0) -> None:
+    """Return once ``server`` is seen generating tiny_lm tokens (its counter moves over
+    20 ms), or after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    before = await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm")
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        now = await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm")
+        if now > before:
+            return
+        before = now
+
+
 async def test_kill_9_under_load(fleet: TritonFleet, fault_gateway: Gateway) -> None:
     outcomes: collections.Counter[tuple[str, Outcome]] = collections.Counter()
     stop = asyncio.Event()
@@ -195,6 +226,7 @@ async def test_kill_9_under_load(fleet: TritonFleet, fault_gateway: Gateway) -> 
     async def scenario() -> float:
         started = time.monotonic()
         await asyncio.sleep(KILL_AT_S)
+        await generating_on(fleet.servers[VICTIM])  # so that the kill cuts a stream mid-way
         fleet.kill(VICTIM)
         await asyncio.sleep(RESTART_AT_S - KILL_AT_S)
         # restart() blocks until Triton is ready; its thread lives as long as the loop,
