@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,11 +38,11 @@ import aiohttp
 import openai
 
 from bench.peers import local_fleet_and_gateway
+from bench.record import write_record
 from gateway.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from gateway.local_triton import TritonFleet
 from tests.e2e.conftest import Gateway, stop_gateway
 
-RESULTS = Path(__file__).with_name("results")
 CONTENT = "We hold these truths"
 
 
@@ -219,26 +217,11 @@ def main() -> None:
             fleet.stop()
 
     print_table(results)
-    record = {
-        "benchmark": "openai_stream",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "workload": {
-            k: getattr(args, k)
-            for k in ("model", "requests", "rounds", "concurrency", "max_tokens")
-        }
-        | {"triton_servers": len(args.triton)},
-        "results": results,
+    workload = {
+        k: getattr(args, k) for k in ("model", "requests", "rounds", "concurrency", "max_tokens")
     }
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = RESULTS / f"openai_stream-c{args.concurrency}-{stamp}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    fields = {"workload": workload | {"triton_servers": len(args.triton)}, "results": results}
+    write_record("openai_stream", f"openai_stream-c{args.concurrency}", fields)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port, free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
+from tests.conftest import free_port
 from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
 
 NGINX_PACKAGE = "nginx-light"
@@ -169,7 +169,7 @@ def local_fleet_and_gateway(
 ) -> tuple[TritonFleet, Gateway]:
     """``servers`` real Tritons on free ports and a gateway in front of them (over gRPC),
     returned once the gateway has ``model`` ready; both stopped again on failure."""
-    fleet = TritonFleet(servers, free_port_base(10 * servers), MODEL_REPOSITORY, run_dir)
+    fleet = TritonFleet(servers, find_free_port_base(servers), MODEL_REPOSITORY, run_dir)
     fleet.start()
     try:
         backends = [f"grpc://{s.grpc_url}" for s in fleet.servers]

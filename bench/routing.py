@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -45,13 +43,12 @@ from typing import Any
 import aiohttp
 
 from bench.peers import NginxPeer
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
+from bench.record import write_record
+from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import Gateway, http_status, start_gateway, stop_gateway, triton_metric
 from tests.e2e.test_load_aware_routing import tiny_lm_repository
 from tests.e2e.test_routing import success_counts
 
-RESULTS = Path(__file__).with_name("results")
 RUN_DIR = Path(__file__).parents[1] / ".run" / "bench-routing"
 MODEL = "tiny_lm"
 PROMPT = "We hold these truths"
@@ -334,7 +331,7 @@ def main() -> None:
     with ExitStack() as stack:
         fast = tiny_lm_repository(run_dir / "fast", args.ms_per_token)
         slow = tiny_lm_repository(run_dir / "slow", args.ms_per_token * args.slowdown)
-        fleet = TritonFleet(3, free_port_base(30), [fast, fast, slow], run_dir / "triton")
+        fleet = TritonFleet(3, find_free_port_base(3), [fast, fast, slow], run_dir / "triton")
         stack.enter_context(fleet)
         started = stack.enter_context(gateways(fleet, policies, run_dir))
         targets = [Target(f"gateway/{p}", g.url) for p, g in zip(policies, started, strict=True)]
@@ -347,27 +344,12 @@ def main() -> None:
     results = {t.name: summary(t) for t in targets}
     checks = verdict(results)
     print_table(results, checks)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     workload = {
         k: getattr(args, k)
         for k in ("duration", "rounds", "load", "rate", "ms_per_token", "slowdown", "max_tokens")
     }
-    record = {
-        "benchmark": "routing",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "workload": workload | load,
-        "results": results,
-        "targets": checks,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"routing-{stamp}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    fields = {"workload": workload | load, "results": results, "targets": checks}
+    out = write_record("routing", "routing", fields)
     title = (
         f"3 Tritons ({args.ms_per_token}, {args.ms_per_token}, "
         f"{args.ms_per_token * args.slowdown} ms/token), {load['offered_per_s']:.1f} req/s "

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +27,10 @@ from typing import Any
 import aiohttp
 
 from bench.peers import local_fleet_and_gateway
+from bench.record import write_record
 from gateway.local_triton import TritonFleet
 from tests.e2e.conftest import Gateway, stop_gateway
 
-RESULTS = Path(__file__).with_name("results")
 HANG_UP_EVERY = 10
 REQUEST_TIMEOUT_S = 120.0  # streams queue in Triton behind each other: be generous
 
@@ -181,23 +179,9 @@ def main() -> None:
 
     summary = summarize(results)
     print_table(summary)
-    record = {
-        "benchmark": "soak",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "workload": {k: getattr(args, k) for k in ("streams", "minutes", "max_tokens", "servers")},
-        "summary": summary,
-        "results": results,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = RESULTS / f"soak-s{args.streams}-{stamp}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    workload = {k: getattr(args, k) for k in ("streams", "minutes", "max_tokens", "servers")}
+    fields = {"workload": workload, "summary": summary, "results": results}
+    write_record("soak", f"soak-s{args.streams}", fields)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.local_triton import TritonFleet, TritonServer
-from tests.conftest import free_port, free_port_base
+from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO / "model_repository"
@@ -127,7 +127,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def triton_fleet(run_dir: Path) -> Iterator[TritonFleet]:
     fleet = TritonFleet(
         count=2,
-        port_base=free_port_base(20),
+        port_base=find_free_port_base(2),
         model_repository=MODEL_REPOSITORY,
         log_dir=run_dir / "triton",
     )

@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 import tritonclient.http as httpclient
 
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +25,7 @@ EMBED = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 384], "da
 def fleet(run_dir: Path) -> Iterator[TritonFleet]:
     with TritonFleet(
         count=2,
-        port_base=free_port_base(20),
+        port_base=find_free_port_base(2),
         model_repository=MODEL_REPOSITORY,
         log_dir=run_dir / "ejection-triton",
     ) as fleet:

@@ -19,8 +19,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gateway.local_triton import TritonFleet, TritonServer
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
 from tests.e2e.conftest import (
     MODEL_REPOSITORY,
     Gateway,
@@ -46,7 +45,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def mtls_triton(pki: Pki, run_dir: Path) -> Iterator[TritonServer]:
     fleet = TritonFleet(
         count=1,
-        port_base=free_port_base(10),
+        port_base=find_free_port_base(1),
         model_repository=MODEL_REPOSITORY,
         log_dir=run_dir / "grpc-tls-triton",
         extra_args=[

@@ -30,8 +30,7 @@ import aiohttp
 import pytest
 
 from adapters.gpu import TOKEN_ENV
-from gateway.local_triton import TritonFleet, TritonServer
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
 from tests.e2e.conftest import MODEL_REPOSITORY, REPO, Gateway, start_gateway, stop_gateway
 from tests.e2e.test_routing import success_counts
 
@@ -78,7 +77,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonFleet]:
     slowed = tiny_lm_repository(root / "slowed", SLOW_MS_PER_TOKEN)
     with TritonFleet(
         count=3,
-        port_base=free_port_base(30),
+        port_base=find_free_port_base(3),
         model_repository=[MODEL_REPOSITORY, MODEL_REPOSITORY, slowed],
         log_dir=root / "triton",
     ) as triton:

@@ -12,8 +12,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, admin_fleet, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +29,7 @@ BINARY_HEADER = (
 def fleet(run_dir: Path) -> Iterator[TritonFleet]:
     with TritonFleet(
         count=2,
-        port_base=free_port_base(20),
+        port_base=find_free_port_base(2),
         model_repository=MODEL_REPOSITORY,
         log_dir=run_dir / "unload-triton",
         extra_args=["--model-control-mode=explicit", "--load-model=*"],

@@ -24,8 +24,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import (
     MODEL_REPOSITORY,
     Gateway,
@@ -124,7 +123,7 @@ def traced_triton(receiver: Receiver, run_dir: Path) -> Iterator[TritonFleet]:
     endpoint = receiver.url.removeprefix("http://")
     fleet = TritonFleet(
         count=1,
-        port_base=free_port_base(10),
+        port_base=find_free_port_base(1),
         model_repository=MODEL_REPOSITORY,
         log_dir=run_dir / "traced-triton",
         extra_args=[

@@ -18,8 +18,8 @@ import pytest
 
 from gateway.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from gateway.errors import Unavailable
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port, free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
+from tests.conftest import free_port
 from tests.e2e.conftest import (
     MODEL_REPOSITORY,
     Gateway,
@@ -328,7 +328,7 @@ class LoneFleet:
             ignore=shutil.ignore_patterns("__pycache__"),
             dirs_exist_ok=True,
         )
-        self.fleet = TritonFleet(1, free_port_base(10), repository, run_dir / "lone-triton")
+        self.fleet = TritonFleet(1, find_free_port_base(1), repository, run_dir / "lone-triton")
         self.fleet.start()
         server = self.fleet.servers[0]
         try:

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from adapters.deltas import Delta, GpuStateDelta, ModelStateDelta
 from adapters.triton_runtime import ScrapeError, TritonRuntimeAdapter
-from gateway.local_triton import TritonFleet, TritonServer
-from tests.conftest import free_port, free_port_base
+from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
+from tests.conftest import free_port
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 CONCURRENT = 6
@@ -34,7 +34,7 @@ TOKENS = 40  # at tiny_lm's 5 ms per token: ~0.2 s per request, ~1.2 s for the b
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     fleet = TritonFleet(
         count=1,
-        port_base=free_port_base(3),
+        port_base=find_free_port_base(1),
         model_repository=MODEL_REPOSITORY,
         log_dir=tmp_path_factory.mktemp("runtime-adapter"),
     )

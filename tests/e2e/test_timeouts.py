@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.local_triton import TritonFleet
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +29,7 @@ def slow_gateway(run_dir: Path) -> Iterator[Gateway]:
     config.write_text(text.replace('string_value: "5"', f'string_value: "{MS_PER_TOKEN}"'))
     fleet = TritonFleet(
         count=1,
-        port_base=free_port_base(10),
+        port_base=find_free_port_base(1),
         model_repository=repository,
         log_dir=run_dir / "slow-triton",
     )
