@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import tritonclient.http.aio as triton_http
 
-from gateway.local_triton import TritonFleet, TritonServer
-from tests.conftest import free_port_base
+from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
 from tests.e2e.conftest import (
     MODEL_REPOSITORY,
     Gateway,
+    admin_fleet,
     http_status,
     start_gateway,
     stop_gateway,
@@ -37,6 +37,7 @@ from tests.e2e.conftest import (
 pytestmark = pytest.mark.e2e
 
 VICTIM = 1
+ADMIN_TOKEN = "faults-admin-token"
 KILL_AT_S = 10.0
 RESTART_AT_S = 20.0
 LOAD_S = 30.0
@@ -66,7 +67,9 @@ class Outcome(enum.Enum):
 
 @pytest.fixture(scope="module")
 def fleet(run_dir: Path) -> Iterator[TritonFleet]:
-    with TritonFleet(3, free_port_base(30), MODEL_REPOSITORY, run_dir / "faults-triton") as fleet:
+    with TritonFleet(
+        3, find_free_port_base(3), MODEL_REPOSITORY, run_dir / "faults-triton"
+    ) as fleet:
         yield fleet
 
 
@@ -84,6 +87,8 @@ def fault_gateway(fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
         run_dir / "faults-gateway.log",
         "--config",
         str(config),
+        "--admin-token",
+        ADMIN_TOKEN,
         "--policy",
         "round_robin",
         "--scrape-interval",
@@ -201,17 +206,23 @@ async def wait_for_traffic(fleet: TritonFleet) -> float:
 TOKENS_METRIC = "tiny_lm_tokens_generated_total"
 
 
-async def generating_on(server: TritonServer, within_s: float = 5.0) -> None:
-    """Return once ``server`` is seen generating tiny_lm tokens (its counter moves over
-    20 ms), or after ``within_s``."""
+async def streaming_on_victim(
+    gateway: Gateway, server: TritonServer, within_s: float = 10.0
+) -> None:
+    """Return once a stream through the gateway is in flight on the victim (its slot's
+    in-flight count, from /admin/fleet) while the victim generates tokens (its counter
+    moves over 20 ms), or after ``within_s``: a kill then cuts that stream mid-way."""
     deadline = time.monotonic() + within_s
-    before = await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm")
+    victim = f"b{VICTIM}"
     while time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-        now = await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm")
-        if now > before:
-            return
-        before = now
+        view = await admin_fleet(gateway, ADMIN_TOKEN)
+        (backend,) = [b for b in view["backends"] if b["id"] == victim]
+        if backend["models"]["tiny_lm"]["inflight"] >= 1:
+            before = await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm")
+            await asyncio.sleep(0.02)
+            if await asyncio.to_thread(triton_metric, server, TOKENS_METRIC, "tiny_lm") > before:
+                return
+        await asyncio.sleep(0.01)
 
 
 async def test_kill_9_under_load(fleet: TritonFleet, fault_gateway: Gateway) -> None:
@@ -226,7 +237,7 @@ async def test_kill_9_under_load(fleet: TritonFleet, fault_gateway: Gateway) -> 
     async def scenario() -> float:
         started = time.monotonic()
         await asyncio.sleep(KILL_AT_S)
-        await generating_on(fleet.servers[VICTIM])  # so that the kill cuts a stream mid-way
+        await streaming_on_victim(fault_gateway, fleet.servers[VICTIM])
         fleet.kill(VICTIM)
         await asyncio.sleep(RESTART_AT_S - KILL_AT_S)
         # restart() blocks until Triton is ready; its thread lives as long as the loop,
