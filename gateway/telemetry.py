@@ -27,7 +27,7 @@ from opentelemetry.trace import (
 
 from fastpath.state import POLICY_NAMES
 
-from .logs import REQUEST_LOGGER
+from .logs import REQUEST_LOG
 from .metrics import NONE, Metrics, Series
 from .tracing import Tracing, incoming_context, trace_metadata
 from .upstream import Metadata
@@ -38,7 +38,6 @@ REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 POLICY_LABELS = {policy: name for name, policy in POLICY_NAMES.items()}
 
-log = logging.getLogger(REQUEST_LOGGER)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -192,7 +191,7 @@ class Trail:
         if self._span is not None:
             self._end_span(status, fields)
         level = logging.INFO if self.model is not None else logging.DEBUG
-        log.log(level, "request", extra={"fields": fields})
+        REQUEST_LOG.write(level, fields)
 
     # -- helpers ------------------------------------------------------------------------------
 
