@@ -95,6 +95,9 @@ class GpuStateDelta:
 
 
 Delta: TypeAlias = ModelStateDelta | GpuStateDelta
+# Where an adapter hands each delta; what it returns is ignored, so both
+# FleetState.apply (applied or not) and list.append fit.
+DeltaSink: TypeAlias = Callable[[Delta], object]
 
 _IDENTITY = frozenset({"backend", "model", "gpu", "observed_at", "max_age"})
 

@@ -22,14 +22,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
-from .deltas import Delta, DeltaTracker, GpuStateDelta, batch_to_json, every
+from .deltas import Delta, DeltaSink, DeltaTracker, GpuStateDelta, batch_to_json, every
 
 log = logging.getLogger("meshgate.adapters.gpu")
 
@@ -204,7 +203,7 @@ class GpuAdapter:
         """Report every reading in full on the next poll (the receiver may have lost state)."""
         self._tracker.resync()
 
-    async def run(self, sink: Callable[[Delta], None], stop: asyncio.Event) -> None:
+    async def run(self, sink: DeltaSink, stop: asyncio.Event) -> None:
         """Poll every ``interval`` until ``stop`` is set, passing each delta to ``sink``.
         NVML calls take microseconds, so they run on the loop."""
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from .deltas import Delta, DeltaTracker, GpuStateDelta, ModelStateDelta, every
+from .deltas import Delta, DeltaSink, DeltaTracker, GpuStateDelta, ModelStateDelta, every
 from .prometheus import Labels, Samples, parse_samples
 
 log = logging.getLogger("meshgate.adapters.triton_runtime")
@@ -211,7 +210,7 @@ class TritonRuntimeAdapter:
             )
         return deltas
 
-    async def run(self, sink: Callable[[Delta], object], stop: asyncio.Event) -> None:
+    async def run(self, sink: DeltaSink, stop: asyncio.Event) -> None:
         """Scrape every ``interval`` until ``stop`` is set, passing each delta to ``sink``.
 
         A failed scrape emits nothing (the backend's readings then age past their max

@@ -27,7 +27,8 @@ cdef class Scorer:
     cdef const double[:, ::1] _state
     cdef readonly object ranked
     cdef int[::1] _ranked
-    cdef unsigned long long _rng, _rr
+    cdef unsigned long long _rng, _turn
+    cdef double[::1] _chosen_at
     cdef int[::1] _slots
     cdef double[::1] _keys
     cdef readonly Py_ssize_t saturated

@@ -127,8 +127,9 @@ class Scorer:
     (see ``state.py``). ``max_ranked``: the length of ``ranked``, the choice plus the
     retry fallbacks. The scorer keeps both arrays for its lifetime: acquiring a buffer
     costs more than scoring 64 slots, so only ``candidates`` is acquired per call.
-    Holds the round-robin counter and an xorshift64* generator, so a sequence of
-    calls is deterministic given the seed (both twins produce identical results).
+    Holds when round_robin last chose each slot and an xorshift64* generator, so a
+    sequence of calls is deterministic given the seed (both twins produce identical
+    results).
     Not thread-safe: use one per event loop.
     """
 
@@ -151,7 +152,10 @@ class Scorer:
         self.queue_saturation = float(config.queue_saturation)
         rng = _mix64((seed + _GOLDEN) & _MASK64)
         self._rng = rng if rng != 0 else 1  # xorshift's only fixed point is 0
-        self._rr = 0
+        # Round-robin turns, per slot: a slot belongs to one model, so one model's
+        # rotation never depends on another's traffic. 0 = never chosen.
+        self._turn = 0
+        self._chosen_at = np.zeros(state.shape[0], dtype=np.float64)
         self._slots = np.empty(64, dtype=np.int32)
         self._keys = np.empty(64, dtype=np.float64)
         self.saturated = 0
@@ -168,7 +172,8 @@ class Scorer:
         Costs O(len(candidates)) for a small ``max_ranked``.
 
         Policies (ties are broken by scanning from a seeded random start):
-        round_robin: rotates over the eligible slots, one step per call.
+        round_robin: the eligible slot chosen least recently by round_robin first (so
+        each model's eligible slots take turns), then the next least recent.
         least_queue: lowest (QUEUE_DEPTH + INFLIGHT) / WEIGHT first.
         power_of_two: two random eligible slots; the lower hybrid score is first,
         the other second, the rest by hybrid score.
@@ -262,17 +267,11 @@ class Scorer:
         count = min(eligible, self._ranked.shape[0])
         if count == 0:
             return 0
-        if policy == POLICY_ROUND_ROBIN:
-            first = self._rr % eligible
-            self._rr += 1
-            for i in range(count):
-                j = first + i
-                if j >= eligible:
-                    j -= eligible
-                self._ranked[i] = slots[j]
-            return count
         first = 0
-        if policy == POLICY_POWER_OF_TWO and eligible >= 2:
+        if policy == POLICY_ROUND_ROBIN:
+            for i in range(eligible):
+                keys[i] = self._chosen_at[slots[i]]
+        elif policy == POLICY_POWER_OF_TWO and eligible >= 2:
             r = self._next_random()
             a = r % eligible
             b = (a + 1 + (r >> 32) % (eligible - 1)) % eligible
@@ -289,6 +288,9 @@ class Scorer:
         self._select(first, count, eligible)
         for i in range(count):
             self._ranked[i] = slots[i]
+        if policy == POLICY_ROUND_ROBIN:
+            self._turn += 1
+            self._chosen_at[slots[0]] = self._turn
         return count
 
     def score(self, slot: int) -> float:

@@ -149,6 +149,24 @@ def test_round_robin_rotates_over_eligible(impl: ModuleType) -> None:
     assert rank(scorer, [0, 1, 2, 3], RR) == [0, 2, 3]
 
 
+def test_round_robin_rotates_each_model_on_its_own(impl: ModuleType) -> None:
+    # Model a on slots 0-1, model b on slots 2-3, requests alternating: with one turn
+    # counter shared by both models, each model would always get its first slot.
+    scorer = scorer_for(impl, fleet(4))
+    picks = [(rank(scorer, [0, 1], RR)[0], rank(scorer, [2, 3], RR)[0]) for _ in range(6)]
+    assert picks == [(0, 2), (1, 3)] * 3
+
+
+def test_round_robin_gives_a_returning_slot_its_turn(impl: ModuleType) -> None:
+    state = fleet(3)
+    scorer = scorer_for(impl, state)
+    assert [rank(scorer, [0, 1, 2], RR)[0] for _ in range(3)] == [0, 1, 2]
+    state[1, S.READY] = 0.0
+    assert [rank(scorer, [0, 1, 2], RR)[0] for _ in range(4)] == [0, 2, 0, 2]
+    state[1, S.READY] = 1.0  # back: chosen least recently, so it goes first
+    assert [rank(scorer, [0, 1, 2], RR)[0] for _ in range(3)] == [1, 0, 2]
+
+
 def test_power_of_two_better_of_two_wins(impl: ModuleType) -> None:
     state = fleet(2, QUEUE_DEPTH=[8, 1])
     scorer = scorer_for(impl, state, seed=5)
