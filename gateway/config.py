@@ -285,6 +285,9 @@ class GatewayConfig:
     max_tokens_limit: int = 0  # largest max_tokens a request may ask for: 400 above
     max_inputs: int = 0  # tensors in one infer request: 400 above
     max_tensor_elements: int = 0  # elements of one input tensor: 400 above
+    # Serve the hot unary routes on the lean HTTP/1.1 front (gateway.fastlane); off:
+    # aiohttp serves every request (same answers, more CPU per request).
+    fast_lane: bool = True
     # HTTPS listener: PEM certificate chain and private key; None: plain HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None

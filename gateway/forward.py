@@ -26,7 +26,7 @@ from .errors import (
     UpstreamStalled,
 )
 from .fleet import Backend
-from .http_upstream import UpstreamConnectionError
+from .http_upstream import UpstreamConnectFailed, UpstreamConnectionError
 from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
 from .telemetry import TRAIL
 from .upstream import Metadata, is_connection_failure, upstream_error
@@ -119,7 +119,10 @@ async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], t
             if final or not lease.may_retry():  # a retry takes from the budget
                 raise
         except UpstreamConnectionError as exc:
-            lease.backend_unreachable()
+            if isinstance(exc, UpstreamConnectFailed):
+                lease.backend_unreachable()
+            else:  # lost mid-exchange: the backend, or this request (counts towards ejection)
+                lease.backend_failed()
             if final or not lease.may_retry():  # a retry takes from the budget
                 raise Unavailable(f"backend {backend.id} unreachable: {exc}") from None
         except UpstreamStalled:

@@ -4,8 +4,9 @@ A KServe request body (JSON or binary extension) means the same thing to Triton'
 HTTP endpoint as to the gateway, so it is forwarded untouched, and so is the reply:
 no parsing of tensors, no re-framing, one write of our request head plus the body the
 client sent. Measured here, this costs ~50 CPU-µs per request against ~330 for a
-grpc.aio unary call (bench/README.md), which is why unary infer takes this path when
-a backend's HTTP endpoint is known; streaming stays on gRPC ModelStreamInfer.
+grpc.aio unary call (bench/README.md), which is why unary infer, JSON or binary, takes
+this path when a backend's HTTP endpoint is known; streaming stays on gRPC
+ModelStreamInfer.
 
 Only what Triton's HTTP server sends is supported: replies with Content-Length.
 """
@@ -17,10 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from .http1 import PREALLOCATE_BYTES, FixedBody
+
 # Request headers that change what Triton does with the body, forwarded as they are.
 # (Not Content-Encoding: aiohttp has already decompressed the body it hands over.)
+# Not Content-Type: the caller names the body's kind itself (Triton's HTTP server drops
+# the connection on a form content type, which curl sends by default).
 FORWARDED_REQUEST_HEADERS = (
-    "Content-Type",
     "Inference-Header-Content-Length",
     "Accept-Encoding",
     "traceparent",
@@ -38,11 +42,16 @@ class UpstreamConnectionError(ConnectionError):
     only if nothing was sent to the client, which is always so for a unary call)."""
 
 
+class UpstreamConnectFailed(UpstreamConnectionError):
+    """No connection could be made: the backend is not there (unlike a connection lost
+    mid-exchange, which one request can cause)."""
+
+
 @dataclass(slots=True)
 class HttpReply:
     status: int
     headers: dict[bytes, bytes]  # lower-case names
-    body: bytes
+    body: bytes | bytearray  # a large body is the buffer it was received into
 
 
 class _Connection(asyncio.Protocol):
@@ -53,8 +62,8 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._waiter: asyncio.Future[HttpReply] | None = None
         self._head: tuple[int, dict[bytes, bytes]] | None = None
-        self._body_start = 0
-        self._body_end = 0
+        self._length = 0
+        self._body: FixedBody | None = None  # a large body, received at its final size
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,6 +78,12 @@ class _Connection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
+        if self._body is not None:
+            if self._body.feed(data):
+                self._fail("Triton sent more than the reply's Content-Length")
+            elif self._body.complete:
+                self._reply(self._body.buffer)
+            return
         self._buffer += data
         if self._head is None:
             end = self._buffer.find(b"\r\n\r\n")
@@ -78,28 +93,37 @@ class _Connection(asyncio.Protocol):
                 return
             try:
                 self._head = _parse_head(bytes(self._buffer[:end]))
-                length = int(self._head[1][b"content-length"])
+                self._length = int(self._head[1][b"content-length"])
             except (ValueError, KeyError, IndexError) as exc:
                 self._fail(f"unsupported reply from Triton: {exc!r}")
                 return
-            self._body_start = end + 4
-            self._body_end = self._body_start + length
-        if len(self._buffer) >= self._body_end:
-            status, headers = self._head
+            del self._buffer[: end + 4]
+            if self._length > PREALLOCATE_BYTES and len(self._buffer) < self._length:
+                self._body = FixedBody(self._length)
+                received = bytes(self._buffer)
+                self._buffer.clear()
+                self.data_received(received)
+                return
+        if len(self._buffer) >= self._length:
             with memoryview(self._buffer) as view:  # one copy of the body, not two
-                body = bytes(view[self._body_start : self._body_end])
-            reply = HttpReply(status, headers, body)
-            del self._buffer[: self._body_end]
-            self._head = None
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(reply)
+                body = bytes(view[: self._length])
+            del self._buffer[: self._length]
+            self._reply(body)
+
+    def _reply(self, body: bytes | bytearray) -> None:
+        assert self._head is not None
+        status, headers = self._head
+        self._head = None
+        self._body = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(HttpReply(status, headers, body))
 
     def _fail(self, reason: str) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(UpstreamConnectionError(reason))
         self.close()
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[HttpReply]:
+    def send(self, head: bytes, body: bytes | bytearray) -> asyncio.Future[HttpReply]:
         assert self.transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.writelines((head, body))
@@ -134,7 +158,7 @@ class HttpPool:
         self._slots = asyncio.Semaphore(max_connections)
 
     async def post(
-        self, path: str, headers: Sequence[tuple[str, str]], body: bytes, timeout: float
+        self, path: str, headers: Sequence[tuple[str, str]], body: bytes | bytearray, timeout: float
     ) -> HttpReply:
         head = self._request_head(path, headers, len(body))
         async with self._slots:
@@ -173,13 +197,13 @@ class HttpPool:
         try:
             _, connection = await loop.create_connection(_Connection, self._host, self._port)
         except OSError as exc:
-            raise UpstreamConnectionError(
+            raise UpstreamConnectFailed(
                 f"cannot connect to {self._host}:{self._port}: {exc}"
             ) from None
         return connection
 
     async def _exchange(
-        self, connection: _Connection, head: bytes, body: bytes, timeout: float
+        self, connection: _Connection, head: bytes, body: bytes | bytearray, timeout: float
     ) -> HttpReply:
         try:
             async with asyncio.timeout(timeout):

@@ -102,6 +102,8 @@ def parse_infer(header: dict[str, Any], tail: memoryview) -> ParsedInfer:
             binary_slots.append(i)
             raws.append(None)
         elif "data" in tensor:
+            # Checked here, not left to Triton: it answers 500 for data that does not
+            # match the shape (a client's fault).
             raws.append(json_to_raw(name, datatype, shape, tensor["data"]))
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")

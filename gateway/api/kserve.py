@@ -152,15 +152,14 @@ async def infer(request: web.Request) -> web.Response:
     header_length = request.headers.get("Inference-Header-Content-Length")
     parsed = codec.parse_infer(*codec.decode_infer_body(body, header_length))
     _check_tensor_limits(request.app[CONFIG], parsed)
-    # Binary requests go to a backend's HTTP endpoint as they are (validated above);
-    # JSON ones over gRPC, where the gateway writes the JSON answer itself.
-    passthrough = header_length is not None
+    # The request goes to a backend's HTTP endpoint as it is (validated above), or, to a
+    # backend whose HTTP endpoint is not known, over gRPC (the gateway writes the answer).
     timeout = request_timeouts(request).total
     grpc_call: list[codec.InferCall] = []  # encoded once, only if a backend needs it
 
     async def on(backend: Backend) -> web.Response:
-        if passthrough and backend.http is not None:
-            headers = _forwarded_headers(request, lease.trail.metadata)
+        if backend.http is not None:
+            headers = _forwarded_headers(request, lease.trail.metadata, header_length is None)
             reply = await backend.http.post(request.raw_path, headers, body, timeout)
             if reply.status == 404:  # the fleet knows the model: this backend lost it
                 raise ModelGone(reply.body.decode("utf-8", "replace"))
@@ -203,14 +202,16 @@ def _check_tensor_limits(config: GatewayConfig, parsed: codec.ParsedInfer) -> No
 
 
 def _forwarded_headers(
-    request: web.Request, trace: Sequence[tuple[str, str]]
+    request: web.Request, trace: Sequence[tuple[str, str]], json_body: bool
 ) -> list[tuple[str, str]]:
-    """The client's headers Triton needs, with the gateway's own trace context."""
+    """The client's headers Triton needs, the body's kind, and the gateway's own trace
+    context."""
     headers = [
         (name, request.headers[name])
         for name in FORWARDED_REQUEST_HEADERS
         if name in request.headers and name not in TRACE_HEADERS
     ]
+    headers.append(("Content-Type", _JSON if json_body else "application/octet-stream"))
     headers.extend(trace)
     return headers
 
@@ -221,7 +222,29 @@ def _passthrough(reply: HttpReply) -> web.Response:
         for name in FORWARDED_REPLY_HEADERS
         if name in reply.headers
     }
-    return web.Response(status=reply.status, body=reply.body, headers=headers)
+    body = reply.body
+    if b"content-encoding" not in reply.headers:
+        body, headers = _valid_utf8_json(body, headers)
+    return web.Response(status=reply.status, body=body, headers=headers)
+
+
+def _valid_utf8_json(
+    body: bytes | bytearray, headers: dict[str, str]
+) -> tuple[bytes | bytearray, dict[str, str]]:
+    """Triton writes BYTES outputs into JSON as they are, invalid UTF-8 included, which
+    no JSON parser accepts: such bytes become U+FFFD, as in the gateway's own answers
+    (binary outputs carry them exactly)."""
+    length_header = headers.get("inference-header-content-length")
+    header_length = int(length_header) if length_header is not None else len(body)
+    json_part = memoryview(body)[:header_length]
+    try:
+        str(json_part, "utf-8")
+    except UnicodeDecodeError:
+        fixed = str(json_part, "utf-8", "replace").encode()
+        if length_header is not None:
+            headers["inference-header-content-length"] = str(len(fixed))
+        return fixed + memoryview(body)[header_length:], headers
+    return body, headers
 
 
 class _Generate:

@@ -1,0 +1,415 @@
+"""A lean HTTP/1.1 front for the hot routes; aiohttp serves everything else.
+
+Why: measured here, aiohttp's server machinery alone costs ~200 CPU-µs per request
+before a handler runs (ARCHITECTURE.md, "Calibration"), twice nginx's whole proxy.
+This front parses a request head with a few bytes operations and runs the *same*
+middlewares and handler aiohttp would run, on a ``FrontRequest`` that offers the part
+of aiohttp's ``Request`` they use (headers, path, app, per-request keys, ``read``).
+
+Which requests: only unambiguous ones on the routes in ``HOT_ROUTES`` (unary, answered
+with a ``web.Response``): HTTP/1.1, a head within ``max_header_bytes``, a plain
+``Content-Length`` body within ``max_body_bytes`` (no Transfer-Encoding, Expect,
+Upgrade or Content-Encoding), a path without percent-escapes or dot segments. Any
+other request hands its connection, with the bytes read so far, to aiohttp's own
+protocol for the rest of the connection's life, so everything else (streams,
+/v1, admin, errors about malformed requests) behaves exactly as aiohttp serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
+from multidict import CIMultiDict
+
+from .api.keys import CONFIG
+from .http1 import PREALLOCATE_BYTES, FixedBody
+
+log = logging.getLogger("meshgate.fastlane")
+
+# (method, route) pairs served here; each must be registered on the app (checked at start).
+HOT_ROUTES = (
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2/models/{model}/ready"),
+    ("GET", "/v2/models/{model}/versions/{version}/ready"),
+    ("POST", "/v2/models/{model}/infer"),
+    ("POST", "/v2/models/{model}/versions/{version}/infer"),
+    ("POST", "/v2/models/{model}/generate"),
+    ("POST", "/v2/models/{model}/versions/{version}/generate"),
+)
+# A client's idle keep-alive connection is closed after this long (aiohttp's default).
+KEEPALIVE_TIMEOUT_S = 75.0
+# Request headers whose presence means aiohttp's full machinery is needed.
+_HAND_OVER_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
+# name: a token; value: no control characters but tab (what aiohttp's parser accepts).
+_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*"
+)
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class MatchInfo(dict[str, str]):
+    """The route's variables, and the aiohttp route (its name is the span's name)."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: AbstractRoute, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.route = route
+
+
+class FrontRequest:
+    """The part of aiohttp's ``web.Request`` the middlewares and hot handlers use."""
+
+    __slots__ = ("_body", "_keys", "app", "headers", "match_info", "method", "path", "raw_headers",
+                 "raw_path")
+
+    def __init__(
+        self,
+        app: web.Application,
+        method: str,
+        raw_path: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        match_info: MatchInfo,
+        body: bytes | bytearray | memoryview,
+    ) -> None:
+        self.app = app
+        self.method = method
+        self.raw_path = raw_path
+        self.path = raw_path.partition("?")[0]
+        self.raw_headers = raw_headers
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape; so does this.
+        self.headers = CIMultiDict(
+            (name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
+            for name, value in raw_headers
+        )
+        self.match_info = match_info
+        self._body = body
+        self._keys: dict[Any, Any] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._keys[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._keys[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._keys.get(key, default)
+
+    async def read(self) -> bytes:
+        # A buffer, not always bytes: every reader of a body here takes any buffer.
+        return cast(bytes, self._body)
+
+
+class _Route:
+    __slots__ = ("aiohttp_route", "handler", "segments")
+
+    def __init__(self, aiohttp_route: AbstractRoute, handler: Handler, segments: list[str]):
+        self.aiohttp_route = aiohttp_route
+        self.handler = handler
+        self.segments = segments
+
+
+class HotRoutes:
+    """``HOT_ROUTES`` resolved against the app: each with its middleware chain built once."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._by_shape: dict[tuple[str, int, str], list[_Route]] = {}
+        registered = {
+            (route.method, route.resource.canonical): route
+            for route in app.router.routes()
+            if route.resource is not None
+        }
+        for method, path in HOT_ROUTES:
+            route = registered[(method, path)]
+            handler = _with_middlewares(route.handler, app.middlewares)
+            segments = path.split("/")
+            shape = (method, len(segments), segments[-1])
+            self._by_shape.setdefault(shape, []).append(_Route(route, handler, segments))
+
+    def match(self, method: str, path: str) -> tuple[_Route, MatchInfo] | None:
+        segments = path.split("/")
+        for route in self._by_shape.get((method, len(segments), segments[-1]), ()):
+            values = {}
+            for pattern, segment in zip(route.segments, segments, strict=True):
+                if pattern.startswith("{"):
+                    if not segment:
+                        break
+                    values[pattern[1:-1]] = segment
+                elif pattern != segment:
+                    break
+            else:
+                return route, MatchInfo(route.aiohttp_route, values)
+        return None
+
+
+def _with_middlewares(handler: Handler, middlewares: Any) -> Handler:
+    for middleware in reversed(middlewares):
+        handler = _bind(middleware, handler)
+    return handler
+
+
+def _bind(middleware: Any, inner: Handler) -> Handler:
+    def call(request: web.Request) -> Awaitable[web.StreamResponse]:
+        return cast(Awaitable[web.StreamResponse], middleware(request, inner))
+
+    return call
+
+
+class Head:
+    """A parsed request head that this front may serve."""
+
+    __slots__ = ("close", "content_length", "method", "raw_headers", "target")
+
+    def __init__(self, method: str, target: str, raw_headers: list[tuple[bytes, bytes]]):
+        self.method = method
+        self.target = target
+        self.raw_headers = raw_headers
+        self.content_length = 0
+        self.close = False
+
+
+def parse_head(head: bytes | bytearray) -> Head | None:
+    """The head of a plain HTTP/1.1 request, or None when aiohttp should serve it."""
+    lines = bytes(head).split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    target = parts[1]
+    if not target.startswith(b"/") or b"%" in target or b"/." in target or b"//" in target:
+        return None
+    raw_headers = []
+    content_length: bytes | None = None
+    close = False
+    for line in lines[1:]:
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            return None
+        name, value = match.groups()
+        lower = name.lower().decode("ascii")
+        if lower in _HAND_OVER_HEADERS:
+            return None
+        if lower == "content-length":
+            if content_length is not None or not value.isdigit():
+                return None
+            content_length = value
+        elif lower == "connection":
+            connection = value.lower()
+            if connection not in (b"keep-alive", b"close"):
+                return None
+            close = connection == b"close"
+        raw_headers.append((name, value))
+    parsed = Head(parts[0].decode("ascii"), target.decode("ascii"), raw_headers)
+    if content_length is not None:
+        parsed.content_length = int(content_length)
+    parsed.close = close
+    return parsed
+
+
+class FastLane:
+    """What every front connection shares: the app, its hot routes, its limits, the
+    open connections (for idle timeouts and draining)."""
+
+    def __init__(self, app: web.Application, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self.app = app
+        self.routes = HotRoutes(app)
+        config = app[CONFIG]
+        self.max_head_bytes = config.max_header_bytes
+        self.max_body_bytes = config.max_body_bytes
+        self.fallback = fallback  # aiohttp's protocol, for the connections handed over
+        self.connections: set[FrontConnection] = set()
+        self.draining = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> FrontConnection:
+        if self._sweeper is None:
+            self._schedule_sweep()
+        return FrontConnection(self)
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(KEEPALIVE_TIMEOUT_S / 5, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for longer than the keep-alive timeout (one timer
+        for all connections instead of one per response)."""
+        deadline = asyncio.get_running_loop().time() - KEEPALIVE_TIMEOUT_S
+        for connection in list(self.connections):
+            if connection.idle_since is not None and connection.idle_since < deadline:
+                connection.close()
+        self._schedule_sweep()
+
+    def close_idle(self) -> None:
+        """Shutdown began: idle connections close now, busy ones after their answer."""
+        self.draining = True
+        for connection in list(self.connections):
+            if connection.idle_since is not None:
+                connection.close()
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait for the requests in flight here (at most ``timeout``), then close."""
+        self.close_idle()
+        busy = [c.task for c in self.connections if c.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for connection in list(self.connections):
+            connection.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection; one request at a time, in order (no pipelining overlap)."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self._lane = lane
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._head: Head | None = None
+        self._route: tuple[_Route, MatchInfo] | None = None
+        self._body: FixedBody | None = None  # a large body, received at its final size
+        self.task: asyncio.Task[None] | None = None
+        self.idle_since: float | None = None  # loop time; None while a request is under way
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._lane.connections.add(self)
+        self.idle_since = asyncio.get_running_loop().time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lane.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # the client hung up: the handler (and its upstream call) stops
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = None
+        if self._body is not None:
+            self._receive_body(data)
+        else:
+            self._buffer += data
+            if self.task is None:
+                self._next_request()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        """Parse what the buffer holds; start the request once its body is complete."""
+        buffer = self._buffer
+        if self._head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0 or end > self._lane.max_head_bytes:
+                if end >= 0 or len(buffer) > self._lane.max_head_bytes:
+                    self._hand_over()
+                return
+            head = parse_head(buffer[:end])
+            route = None if head is None else self._lane.routes.match(head.method, head.target)
+            if head is None or route is None or head.content_length > self._lane.max_body_bytes:
+                self._hand_over()
+                return
+            self._head, self._route = head, route
+            del buffer[: end + 4]
+            if head.content_length > PREALLOCATE_BYTES and len(buffer) < head.content_length:
+                self._body = FixedBody(head.content_length)
+                received = bytes(buffer)
+                buffer.clear()
+                self._receive_body(received)
+                return
+        assert self._head is not None
+        length = self._head.content_length
+        if len(buffer) < length:
+            return
+        with memoryview(buffer) as view:
+            body = bytes(view[:length])
+        del buffer[:length]
+        self._start(body)
+
+    def _receive_body(self, data: bytes) -> None:
+        body = self._body
+        assert body is not None
+        self._buffer += body.feed(data)  # beyond the body: the next request's first bytes
+        if body.complete:
+            self._body = None
+            self._start(body.buffer)
+
+    def _start(self, body: bytes | bytearray) -> None:
+        head, (route, match_info) = self._head, self._route  # type: ignore[misc]
+        assert head is not None
+        self._head = self._route = None
+        request = FrontRequest(
+            self._lane.app, head.method, head.target, head.raw_headers, match_info, body
+        )
+        self.task = asyncio.get_running_loop().create_task(
+            self._serve(request, route.handler, head.close)
+        )
+
+    async def _serve(self, request: FrontRequest, handler: Handler, close: bool) -> None:
+        # Duck-typed: FrontRequest offers what the middlewares and HOT_ROUTES' handlers use.
+        aiohttp_request = cast(web.Request, request)
+        try:
+            response = await handler(aiohttp_request)
+            await self._lane.app.on_response_prepare.send(aiohttp_request, response)
+            close = close or self._lane.draining
+            payload = _serialize(cast(web.Response, response), close)
+        except Exception:
+            # json_errors answers every failure; reaching here is a bug in this module.
+            log.exception("front connection failed on %s %s", request.method, request.path)
+            self.close()
+            return
+        finally:
+            self.task = None
+        transport = self._transport
+        assert transport is not None
+        transport.writelines(payload)
+        if close:
+            self.close()
+            return
+        self.idle_since = asyncio.get_running_loop().time()
+        if self._buffer:
+            self._next_request()
+
+    def _hand_over(self) -> None:
+        """aiohttp serves this connection from now on, starting with the buffered bytes."""
+        transport = self._transport
+        assert transport is not None
+        self._lane.connections.discard(self)
+        protocol = self._lane.fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        pending = bytes(self._buffer)
+        self._buffer.clear()
+        if pending:
+            protocol.data_received(pending)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _serialize(response: web.Response, close: bool) -> tuple[bytes, bytes | bytearray]:
+    """Status line, headers and body of a unary response, for one ``writelines``."""
+    body = response.body
+    if body is None:
+        body = b""
+    elif not isinstance(body, bytes | bytearray | memoryview):
+        raise TypeError(f"hot routes answer with bytes bodies, got {type(body).__name__}")
+    lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b""))]
+    for name, value in response.headers.items():
+        if name.lower() != "content-length":
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    lines.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), bytes(body) if isinstance(body, memoryview) else body
