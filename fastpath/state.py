@@ -3,7 +3,7 @@
 The fleet state is one C-contiguous float64 array of shape ``(capacity, NFIELDS)``.
 A row is a *slot*: one (backend, model) deployment. The gateway's fleet writes the
 rows; the scorer only reads them, and nothing but this array holds what it reads,
-so the array can later move to shared memory unchanged.
+so with ``--workers N`` the array lives in shared memory unchanged (gateway/shared_fleet.py).
 
 Codes are plain ints (not Enums) so the compiled twins compare C integers.
 """
@@ -77,12 +77,24 @@ TENANT_REASON_NAMES: dict[int, str] = {
 }
 
 
-def new_state(capacity: int) -> np.ndarray:
-    """A state array of ``capacity`` empty slots: not ready, never signalled, weight 1."""
-    state = np.zeros((capacity, NFIELDS), dtype=np.float64)
+def new_state(capacity: int, buffer: memoryview | None = None) -> np.ndarray:
+    """A state array of ``capacity`` empty slots: not ready, never signalled, weight 1.
+
+    ``buffer``: memory to lay the array over (see ``state_view``); None: new memory.
+    """
+    state = np.empty((capacity, NFIELDS)) if buffer is None else state_view(capacity, buffer)
+    state[:] = 0.0
     state[:, KV_FRACTION] = np.nan
     state[:, TTFT_EWMA] = np.nan
     state[:, TPOT_EWMA] = np.nan
     state[:, SIGNAL_AT] = np.nan
     state[:, WEIGHT] = 1.0
     return state
+
+
+def state_view(capacity: int, buffer: memoryview) -> np.ndarray:
+    """The state array of ``capacity`` slots laid over ``buffer`` (at least
+    ``capacity * NFIELDS * 8`` bytes, e.g. a shared memory segment that several processes
+    map), with whatever it holds: how a process attaches to an array another one made."""
+    state = np.frombuffer(buffer, dtype=np.float64, count=capacity * NFIELDS)
+    return state.reshape(capacity, NFIELDS)

@@ -14,6 +14,7 @@ from .auth import TENANTS, Tenants, add_rate_headers, authenticate
 from .config import GatewayConfig
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
+from .loop_lag import watch_loop_lag
 from .metrics import Metrics
 from .router import Router
 from .signals import SignalPlane
@@ -73,7 +74,9 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return StatusError(exc.reason, exc.status)
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def create_app(config: GatewayConfig, fleet: Fleet | None = None) -> web.Application:
+    """The app; ``fleet``: a worker's fleet that follows the signal process (see
+    gateway/workers.py), else a new fleet that discovers and scrapes on its own."""
     tracing = tracing_from_config(config)
     # observe is outermost: it sees the status json_errors answered with.
     app = web.Application(
@@ -83,7 +86,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     app[TENANTS] = Tenants(config.tenants, config.probe_token)
     app.on_response_prepare.append(add_rate_headers)
-    fleet = Fleet(config)
+    if fleet is None:
+        fleet = Fleet(config)
     signals = SignalPlane(fleet, config)
     app[FLEET] = fleet
     router = Router(fleet, config)
@@ -105,6 +109,9 @@ def create_app(config: GatewayConfig) -> web.Application:
         await fleet.start()
         await signals.start()
         background.append(asyncio.create_task(router.outliers.run(stop), name="health-checks"))
+        if metrics is not None:
+            lag = watch_loop_lag(metrics.observe_loop_lag, stop)
+            background.append(asyncio.create_task(lag, name="loop-lag"))
 
     async def close_planes(app: web.Application) -> None:
         stop.set()

@@ -9,22 +9,29 @@ import ssl
 import sys
 from pathlib import Path
 
-import uvloop
 from aiohttp import web
 
 from adapters import gpu as gpu_adapter
 from adapters.gpu import TOKEN_ENV as ADMIN_TOKEN_ENV
 
-from . import local_triton
+from . import local_triton, server
 from .app import create_app
 from .auth import hash_key_command
 from .config import ConfigError, GatewayConfig, load_config, parse_backends
+from .fleet import Fleet
 from .logs import setup_logging
 from .tracing import EXPORTERS
+from .workers import default_workers, serve_workers
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="processes serving the port with SO_REUSEPORT, with signals scraped once for"
+        " all (default: one per core; 1: a single process)",
+    )
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8080)")
     parser.add_argument(
@@ -60,6 +67,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument(
+        "--fast-lane",
+        action=argparse.BooleanOptionalAction,
+        help="serve hot unary routes on the lean HTTP/1.1 front (default on)",
+    )
+    parser.add_argument(
         "--metrics",
         action=argparse.BooleanOptionalAction,
         help="Prometheus metrics at /metrics (default on)",
@@ -87,6 +99,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayConfig:
     config = load_config(args.config)
     # Backends on the command line replace the config file's, fixed and DNS alike.
@@ -104,6 +123,7 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
         drain_timeout_s=args.drain_timeout_s,
         log_level=args.log_level,
         metrics=args.metrics,
+        fast_lane=args.fast_lane,
         trace_exporter=args.trace_exporter,
         trace_endpoint=args.trace_endpoint,
         trace_sample_ratio=args.trace_sample_ratio,
@@ -113,19 +133,35 @@ def _serve_config(args: argparse.Namespace, backend_urls: list[str]) -> GatewayC
     )
 
 
-def run_gateway(config: GatewayConfig) -> None:
-    """Serve until SIGINT/SIGTERM on a uvloop event loop."""
+def _check_backends(config: GatewayConfig) -> None:
     if not config.backends and not config.dns_backends:
         raise ConfigError(
             "no backends: pass --backend grpc://HOST:PORT (or dns+grpc://NAME:PORT)"
             " or list them in --config"
         )
-    app = create_app(config)  # a bad telemetry setting fails here, before logging starts
-    listener = setup_logging(config.log_level)
+
+
+def serve_gateway(config: GatewayConfig, workers: int) -> int:
+    """The gateway in this process (``workers`` = 1), or as ``workers`` processes sharing
+    the port (gateway/workers.py); returns the exit code."""
+    _check_backends(config)
+    if workers == 1:
+        run_gateway(config)
+        return 0
+    return serve_workers(config, workers)
+
+
+def run_gateway(
+    config: GatewayConfig, fleet: Fleet | None = None, reuse_port: bool = False
+) -> None:
+    """Serve until SIGINT/SIGTERM on a uvloop event loop. A worker passes its fleet
+    (following the signal process) and binds with SO_REUSEPORT beside the others."""
+    app = create_app(config, fleet)  # a bad telemetry setting fails here, before logging starts
+    log_writer = setup_logging(config.log_level)
     try:
-        _run_app(app, config)
+        _run_app(app, config, reuse_port)
     finally:
-        listener.stop()  # writes what is still queued
+        log_writer.stop()  # writes what is still pending
 
 
 def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -142,37 +178,24 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _run_app(app: web.Application, config: GatewayConfig) -> None:
+def _run_app(app: web.Application, config: GatewayConfig, reuse_port: bool) -> None:
     ssl_context = _ssl_context(config)
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        ssl_context=ssl_context,
-        # aiohttp's parser bounds each header line; limit_headers bounds them together.
-        # (These go to each RequestHandler; a kwarg it does not know would make aiohttp
-        # silently drop every handler option, handler_cancellation included.)
-        max_line_size=config.max_header_bytes,
-        max_field_size=config.max_header_bytes,
-        loop=uvloop.new_event_loop(),
-        # A client that hangs up cancels its handler, and with it the upstream gRPC call.
-        handler_cancellation=True,
-        shutdown_timeout=config.drain_timeout_s,
-        access_log=None,
-        print=lambda msg: logging.getLogger("meshgate").info(
+
+    def on_listening() -> None:
+        logging.getLogger("meshgate").info(
             "gateway listening on %s://%s:%d with %d backends and %d DNS names",
             "https" if ssl_context else "http",
             config.host,
             config.port,
             len(config.backends),
             len(config.dns_backends),
-        ),
-    )
+        )
+
+    server.serve(app, config, ssl_context, reuse_port=reuse_port, on_listening=on_listening)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    run_gateway(_serve_config(args, args.backend))
-    return 0
+    return serve_gateway(_serve_config(args, args.backend), args.workers or default_workers())
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -199,10 +222,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             '-d \'{"text_input": "We hold these truths", "max_tokens": 20, "stream": true}\'',
             flush=True,
         )
-        run_gateway(config)
+        return serve_gateway(config, args.workers or default_workers())
     finally:
         fleet.stop()
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

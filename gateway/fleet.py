@@ -4,6 +4,12 @@ Discovery reads each backend's repository index every ``discovery_interval_s`` a
 marks each (backend, model) slot of the state array READY or not; the signal plane
 (runtime scrapers, GPU deltas) writes load into the same slots. The data plane reads
 ``Fleet.candidates`` and the array, and never waits on discovery.
+
+With ``--workers N`` discovery and the signal plane run once, in the signal process
+(gateway/signal_process.py), whose fleet publishes its ``layout``; each worker's fleet
+is a *follower*: it ``adopt``s every new layout (opening and closing its own channels
+to the backends) instead of discovering, and asks the signal process for what only
+that process holds (``view``, ``apply_deltas``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from adapters.deltas import Delta
 from fastpath.state import INFLIGHT, READY
 
 from .config import BackendSpec, GatewayConfig
@@ -31,6 +38,8 @@ log = logging.getLogger("meshgate.fleet")
 _CONTROL_TIMEOUT_S = 5.0
 # How often a leaving backend's in-flight count is checked.
 _DRAIN_POLL_S = 0.1
+# How often a worker's fleet checks whether the signal process published a new layout.
+_FOLLOW_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,70 @@ class Backend:
         return (model, version) in self.known_versions if version else model in self.known_models
 
 
+@dataclass(frozen=True)
+class BackendStatus:
+    """What discovery knows about one backend: what a worker needs to route to it."""
+
+    spec: BackendSpec
+    reachable: bool
+    ready: bool
+    models: dict[str, dict[str, ModelInfo]]
+    known_models: frozenset[str]
+    known_versions: frozenset[tuple[str, str]]
+    last_error: str
+
+    @classmethod
+    def of(cls, backend: Backend) -> BackendStatus:
+        return cls(
+            backend.spec,
+            backend.reachable,
+            backend.ready,
+            backend.models,
+            backend.known_models,
+            backend.known_versions,
+            backend.last_error,
+        )
+
+    def update(self, backend: Backend) -> None:
+        backend.reachable = self.reachable
+        backend.ready = self.ready
+        backend.models = self.models
+        backend.known_models = self.known_models
+        backend.known_versions = self.known_versions
+        backend.last_error = self.last_error
+
+
+@dataclass(frozen=True)
+class FleetLayout:
+    """The signal process's fleet as workers adopt it: every slot's (backend, model) in
+    slot order (append-only, so model indexes follow too) and every backend's status."""
+
+    slot_keys: tuple[tuple[str, str], ...]
+    backends: tuple[BackendStatus, ...]
+
+
+class SignalProcessLink(Protocol):
+    """A worker's way to the signal process (gateway/signal_process.py)."""
+
+    async def layout(self) -> FleetLayout:
+        """The layout published now."""
+        ...
+
+    async def newer_layout(self) -> FleetLayout | None:
+        """The layout published now if it changed since the last one fetched, else None."""
+        ...
+
+    async def describe(self) -> list[dict[str, Any]]:
+        """``Fleet.describe`` of the signal process's fleet."""
+        ...
+
+    async def apply_deltas(self, deltas: list[Delta]) -> int:
+        """``Fleet.apply_deltas`` in the signal process."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class FleetListener(Protocol):
     """Told when a backend joins or leaves the fleet at run time (the signal plane)."""
 
@@ -107,7 +180,14 @@ class FleetListener(Protocol):
 
 
 class Fleet:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        state: FleetState | None = None,
+        signal_process: SignalProcessLink | None = None,
+    ) -> None:
+        """``state``: the state to write (shared memory), else a new one of max_slots;
+        ``signal_process``: makes this fleet a worker's follower of that process."""
         self._specs = config.backends
         self._dns = (
             DnsDiscovery(config.dns_backends, config.resolver or system_resolver)
@@ -123,12 +203,18 @@ class Fleet:
         # Backends draining before they leave, by id: the task that drops them.
         self._leaving: dict[str, asyncio.Task[None]] = {}
         self._interval = config.discovery_interval_s
-        self.state = FleetState(config.max_slots)
+        self.state = FleetState(config.max_slots) if state is None else state
+        self._signal_process = signal_process
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Open a channel per backend (inside the running loop, as grpc.aio needs),
-        discover the fleet once, then keep discovering (and resolving) in the background."""
+        discover the fleet once, then keep discovering (and resolving) in the background;
+        a follower adopts the published layout instead, and keeps following it."""
+        if self._signal_process is not None:
+            await self.adopt(await self._signal_process.layout())
+            self._tasks.append(asyncio.create_task(self._follow_forever(), name="fleet-follow"))
+            return
         await self.set_backends(await self._wanted())
         self._tasks.append(asyncio.create_task(self._discover_forever(), name="fleet-discovery"))
         if self._dns is not None:
@@ -140,6 +226,8 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(_close(b) for b in self.backends))
+        if self._signal_process is not None:
+            await self._signal_process.close()
 
     # -- membership -------------------------------------------------------------------
 
@@ -164,13 +252,7 @@ class Fleet:
             return
         if spec.metrics_url:
             self.state.expect_runtime_signal(spec.id)
-        backend = Backend(
-            spec,
-            TritonChannel(spec.grpc_target, self._max_message_bytes, spec.tls),
-            HttpPool(spec.http_target) if spec.http_target else None,
-        )
-        self.backends.append(backend)
-        self.by_id[spec.id] = backend
+        backend = self._open(spec)
         # A rejoining id reuses its slots, which may still say draining.
         self.state.set_draining(spec.id, False)
         for listener in self.listeners:
@@ -208,6 +290,16 @@ class Fleet:
             listener.backend_removed(backend_id)
         log.info("backend %s left the fleet", backend_id)
         await _close(backend)
+
+    def _open(self, spec: BackendSpec) -> Backend:
+        backend = Backend(
+            spec,
+            TritonChannel(spec.grpc_target, self._max_message_bytes, spec.tls),
+            HttpPool(spec.http_target) if spec.http_target else None,
+        )
+        self.backends.append(backend)
+        self.by_id[spec.id] = backend
+        return backend
 
     async def _wanted(self) -> list[BackendSpec]:
         resolved = await self._dns.resolve() if self._dns is not None else []
@@ -278,6 +370,60 @@ class Fleet:
             pb.ModelConfigRequest(name=name, version=version), timeout=_CONTROL_TIMEOUT_S
         )
         return ModelInfo.from_config(version, config)
+
+    # -- workers ----------------------------------------------------------------------
+
+    @property
+    def follows(self) -> bool:
+        """Whether this is a worker's fleet, following the signal process's layout."""
+        return self._signal_process is not None
+
+    def layout(self) -> FleetLayout:
+        """This fleet as the signal process publishes it to workers."""
+        return FleetLayout(
+            tuple(self.state.slot_keys), tuple(BackendStatus.of(b) for b in self.backends)
+        )
+
+    async def adopt(self, layout: FleetLayout) -> None:
+        """Make this follower's fleet the published one: take the new slots, open
+        backends that joined, update every backend's status, close those that left (the
+        signal process let them go once the in-flight count, which counts every
+        worker's requests, was 0, or after drain_timeout_s)."""
+        self.state.adopt(list(layout.slot_keys))
+        published = {status.spec.id: status for status in layout.backends}
+        for status in layout.backends:
+            backend = self.by_id.get(status.spec.id) or self._open(status.spec)
+            status.update(backend)
+        gone = [b for b in self.backends if b.id not in published]
+        for backend in gone:
+            self.backends.remove(backend)
+            del self.by_id[backend.id]
+        await asyncio.gather(*(_close(b) for b in gone))
+
+    async def _follow_forever(self) -> None:
+        assert self._signal_process is not None
+        while True:
+            await asyncio.sleep(_FOLLOW_POLL_S)
+            try:
+                layout = await self._signal_process.newer_layout()
+                if layout is not None:
+                    await self.adopt(layout)
+            except Exception:  # following must outlive any single failed fetch
+                log.exception("adopting the published fleet layout failed")
+
+    async def view(self, now: float) -> list[dict[str, Any]]:
+        """``describe``, from the process that holds the signals: this one, or for a
+        follower the signal process (signal ages and GPU readings live only there)."""
+        if self._signal_process is not None:
+            return await self._signal_process.describe()
+        return self.describe(now)
+
+    async def apply_deltas(self, deltas: list[Delta]) -> int:
+        """Apply pushed deltas of known backends in the process that owns the signals;
+        returns how many were applied (the others were older than what was)."""
+        if self._signal_process is not None:
+            return await self._signal_process.apply_deltas(deltas)
+        return sum(self.state.apply(d) for d in deltas if d.backend in self.by_id)
 
     # -- data plane -------------------------------------------------------------------
 

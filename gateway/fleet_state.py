@@ -5,6 +5,11 @@ Signals land here from three places: discovery (readiness), the signal plane
 (``adapters`` deltas: queue depth, KV cache, VRAM) and the data plane (in-flight
 counts and latency EWMAs, updated per request).
 
+With ``--workers N`` the array is in shared memory (gateway/shared_fleet.py): the
+signal process owns the slot layout (``slot`` allocates, only there) and publishes it;
+each worker ``adopt``s it, so a slot number means the same deployment everywhere, and
+counts its requests through an ``InflightCounter`` (atomic adds, see fastpath.inflight).
+
 Staleness: a slot's freshness is limited by its most out-of-date expected source.
 ``SIGNAL_AT``/``MAX_AGE`` hold that source's observation time and max age, so the
 scorer's ``now - SIGNAL_AT > MAX_AGE`` test means "some expected signal is stale".
@@ -22,6 +27,7 @@ import numpy as np
 
 from adapters.deltas import AppliedClock, Delta, GpuStateDelta, ModelStateDelta
 from fastpath import state as S
+from fastpath.inflight import InflightCounter
 
 RUNTIME = "runtime"  # the backend's Triton metrics endpoint
 GPU = "gpu"  # NVML readings, in-process or pushed by a sidecar
@@ -33,8 +39,17 @@ class FleetFull(RuntimeError):
 
 
 class FleetState:
-    def __init__(self, capacity: int) -> None:
-        self.array = S.new_state(capacity)
+    def __init__(
+        self,
+        capacity: int,
+        array: np.ndarray | None = None,
+        inflight: InflightCounter | None = None,
+    ) -> None:
+        """``array``: an existing state array (shared memory), else a new one;
+        ``inflight``: how a worker counts in-flight requests in a shared array (None:
+        this process is the array's only writer of INFLIGHT)."""
+        self.array = S.new_state(capacity) if array is None else array
+        self._inflight = inflight
         self._slots: dict[tuple[str, str], int] = {}
         self.slot_keys: list[tuple[str, str]] = []
         self._backend_slots: dict[str, list[int]] = {}
@@ -56,16 +71,7 @@ class FleetState:
         found = self._slots.get(key)
         if found is not None:
             return found
-        slot = len(self.slot_keys)
-        if slot >= len(self.array):
-            raise FleetFull(f"fleet state is full: {slot} deployments (raise max_slots)")
-        self._slots[key] = slot
-        self.slot_keys.append(key)
-        self._backend_slots.setdefault(backend_id, []).append(slot)
-        previous = self._model_slots.get(model, np.empty(0, dtype=np.int32))
-        self._model_slots[model] = np.append(previous, np.int32(slot))
-        self.model_index.setdefault(model, len(self.model_index))
-        self._sources[slot] = {}
+        slot = self._register(key)
         if backend_id in self._runtime_expected:
             self.array[slot, S.SIGNAL_AT] = math.nan
         else:
@@ -75,6 +81,30 @@ class FleetState:
             self._sources[slot][GPU] = self._gpu_seen[backend_id]
             self._write_vram(backend_id, [slot])
         return slot
+
+    def _register(self, key: tuple[str, str]) -> int:
+        """Give ``key`` the next slot number and index it (the row is left as it is)."""
+        slot = len(self.slot_keys)
+        if slot >= len(self.array):
+            raise FleetFull(f"fleet state is full: {slot} deployments (raise max_slots)")
+        backend_id, model = key
+        self._slots[key] = slot
+        self.slot_keys.append(key)
+        self._backend_slots.setdefault(backend_id, []).append(slot)
+        previous = self._model_slots.get(model, np.empty(0, dtype=np.int32))
+        self._model_slots[model] = np.append(previous, np.int32(slot))
+        self.model_index.setdefault(model, len(self.model_index))
+        self._sources[slot] = {}
+        return slot
+
+    def adopt(self, slot_keys: list[tuple[str, str]]) -> None:
+        """Take the slots another process allocated in a shared array (``slot_keys`` as
+        published by the signal process). Slots are never freed or renumbered, so what
+        this process knows is a prefix of what is published."""
+        if slot_keys[: len(self.slot_keys)] != self.slot_keys:
+            raise ValueError("published slot layout does not extend the one adopted before")
+        for key in slot_keys[len(self.slot_keys) :]:
+            self._register(key)
 
     def expect_runtime_signal(self, backend_id: str) -> None:
         """This backend has a metrics endpoint: its slots are stale until it reports."""
@@ -165,10 +195,16 @@ class FleetState:
     # -- data plane -------------------------------------------------------------------------
 
     def dispatched(self, slot: int) -> None:
-        self.array[slot, S.INFLIGHT] += 1.0
+        if self._inflight is None:
+            self.array[slot, S.INFLIGHT] += 1.0
+        else:
+            self._inflight.add(slot, 1)
 
     def finished(self, slot: int) -> None:
-        self.array[slot, S.INFLIGHT] -= 1.0
+        if self._inflight is None:
+            self.array[slot, S.INFLIGHT] -= 1.0
+        else:
+            self._inflight.add(slot, -1)
 
     def record_ttft(self, slot: int, seconds: float) -> None:
         _ewma(self.array, slot, S.TTFT_EWMA, seconds)

@@ -37,6 +37,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _OVERHEAD_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
 _SCORING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
+# Loop lag has ~1 ms resolution; 50 ms is the stall budget of the gateway's target.
+_LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 
 
 class Series:
@@ -95,6 +97,17 @@ class Metrics:
             "meshgate_scoring_seconds", "Time to rank the candidates and decide admission.",
             ("policy",), buckets=_SCORING_BUCKETS, registry=r,
         )  # fmt: skip
+        self.loop_lag = Histogram(
+            "meshgate_event_loop_lag_seconds",
+            "How late the event loop woke a task whose timer was due (gateway/loop_lag.py):"
+            " what every request on this process waited behind whatever held the loop.",
+            buckets=_LOOP_LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.loop_lag_max = MaxSinceScrape(
+            "meshgate_event_loop_lag_max_seconds",
+            "The longest event-loop lag since the previous scrape of /metrics.",
+        )
+        r.register(self.loop_lag_max)
         r.register(FleetCollector(fleet, outliers, scorer))
         self._series: dict[tuple[str, str, str, str], Series] = {}
         self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
@@ -132,12 +145,40 @@ class Metrics:
             child = self._scoring[policy] = self.scoring.labels(policy)
         child.observe(seconds)
 
+    def observe_loop_lag(self, seconds: float) -> None:
+        """One reading of ``gateway.loop_lag.watch_loop_lag``."""
+        self.loop_lag.observe(seconds)
+        self.loop_lag_max.observe(seconds)
+
     async def handle(self, request: web.Request) -> web.Response:
         """``GET /metrics`` in Prometheus' text format."""
         return web.Response(
             body=generate_latest(self.registry),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+
+class MaxSinceScrape(Collector):
+    """A gauge of the largest value observed since the previous scrape, which resets
+    it (as prom-client's ``nodejs_eventloop_lag_max_seconds``): a spike between two
+    scrapes is never missed. Every scrape resets it, so scrape from one place."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0.0
+
+    def observe(self, value: float) -> None:
+        if value > self.value:
+            self.value = value
+
+    def describe(self) -> Iterator[Metric]:
+        # Without it the registry would call collect() to learn the name, resetting the value.
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        value, self.value = self.value, 0.0
+        yield GaugeMetricFamily(self.name, self.documentation, value=value)
 
 
 class FleetCollector(Collector):

@@ -1,6 +1,9 @@
 """The signal plane inside the gateway: one Triton runtime scraper per backend with a
 metrics endpoint, writing deltas into the fleet state. Backends that join the fleet at
-run time get a scraper; backends that leave lose theirs."""
+run time get a scraper; backends that leave lose theirs.
+
+With ``--workers N`` it runs in the signal process only: a worker's fleet follows that
+process (``Fleet.follows``), and its signal plane scrapes nothing."""
 
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ class SignalPlane:
 
     async def start(self) -> None:
         """Scrape every backend once (so the first requests see fresh signals), then
-        keep scraping in the background."""
+        keep scraping in the background; nothing in a worker (see the module docstring)."""
+        if self._fleet.follows:
+            return
         # One connection per metrics endpoint is all a scraper needs: bounded, never a queue.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=1)
         session = self._session = aiohttp.ClientSession(connector=connector)

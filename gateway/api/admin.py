@@ -7,6 +7,7 @@ with no admin token configured the admin API answers 403 to everyone.
 from __future__ import annotations
 
 import hmac
+import os
 import time
 
 import orjson
@@ -58,7 +59,10 @@ def _json(value: object) -> web.Response:
 
 async def fleet_view(request: web.Request) -> web.Response:
     """Every backend, its health and per-model signals with ages, and each model's
-    policy and current ranking (best first) under that policy."""
+    policy and current ranking (best first) under that policy. With ``--workers N``,
+    ``pid`` names the worker that answered: the backends' signals and per-slot in-flight
+    counts are the whole gateway's, a model's admitted ``inflight`` and ``outlier`` are
+    that worker's."""
     _authorize(request)
     fleet = request.app[FLEET]
     router = request.app[ROUTER]
@@ -80,10 +84,10 @@ async def fleet_view(request: web.Request) -> web.Response:
             },
             "inflight": router.admitter.inflight(fleet.state.model_index[model]),
         }
-    backends = fleet.describe(now)
+    backends = await fleet.view(now)
     for backend in backends:
         backend["outlier"] = router.outliers.describe(backend["id"])
-    return _json({"backends": backends, "models": models})
+    return _json({"backends": backends, "models": models, "pid": os.getpid()})
 
 
 async def ingest_deltas(request: web.Request) -> web.Response:
@@ -92,8 +96,7 @@ async def ingest_deltas(request: web.Request) -> web.Response:
         deltas = deltas_from_json(parse_json(await request.read(), "deltas"))
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    fleet = request.app[FLEET]
-    applied = sum(fleet.state.apply(d) for d in deltas if d.backend in fleet.by_id)
+    applied = await request.app[FLEET].apply_deltas(deltas)
     return _json({"received": len(deltas), "applied": applied})
 
 

@@ -6,8 +6,10 @@ The fleet is 2 `tritonserver` processes on `model_repository/`; the gateway is
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -80,8 +82,11 @@ def total_inflight(view: dict[str, Any]) -> float:
     return admitted + dispatched
 
 
-def start_gateway(backends: list[str], log_path: Path, *extra: str) -> Gateway:
-    """Start `meshgate serve` and wait until it answers /v2/health/live."""
+def start_gateway(
+    backends: list[str], log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> Gateway:
+    """Start `meshgate serve` (``env``: added to the environment) and wait until it
+    answers /v2/health/live."""
     port = free_port()
     args = [
         sys.executable,
@@ -92,12 +97,17 @@ def start_gateway(backends: list[str], log_path: Path, *extra: str) -> Gateway:
         str(port),
         "--discovery-interval",
         "0.5",
+        # One process, whatever the cores: a test that wants workers passes --workers N.
+        "--workers",
+        "1",
         *extra,
     ]
     for backend in backends:
         args += ["--backend", backend]
     log = log_path.open("wb")
-    process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     gateway = Gateway(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + 30
     while http_status(gateway.url + "/v2/health/live") != 200:
@@ -108,6 +118,29 @@ def start_gateway(backends: list[str], log_path: Path, *extra: str) -> Gateway:
     return gateway
 
 
+def wait_for_workers(gateway: Gateway, workers: int, model: str, token: str) -> None:
+    """Until each of the ``workers`` processes of a ``--workers N`` gateway has answered
+    with ``model`` ready (the kernel hands each new connection to one of them; the
+    ``pid`` of /admin/fleet says which)."""
+    request = urllib.request.Request(
+        gateway.url + "/admin/fleet", headers={"Authorization": f"Bearer {token}"}
+    )
+    deadline = time.monotonic() + 60
+    answered: set[int] = set()
+    while len(answered) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers never all ready:\n{gateway.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as reply:
+                view = json.loads(reply.read())
+        except OSError:
+            view = None
+        if view and any(b["models"].get(model, {}).get("ready") for b in view["backends"]):
+            answered.add(view["pid"])
+        else:
+            time.sleep(0.2)
+
+
 def stop_gateway(gateway: Gateway) -> None:
     if gateway.process.poll() is None:
         gateway.process.terminate()
@@ -116,6 +149,98 @@ def stop_gateway(gateway: Gateway) -> None:
         except subprocess.TimeoutExpired:
             gateway.process.kill()
             gateway.process.wait()
+
+
+def dedicated_fleet(log_dir: Path, *extra_args: str) -> TritonFleet:
+    """A fleet like the session's (2 servers on model_repository/), not yet started, for a
+    test module that kills, restarts or unloads models and so must leave the session's
+    fleet alone; use it as a context manager. ``extra_args`` go to every server."""
+    return TritonFleet(
+        count=2,
+        port_base=find_free_port_base(2),
+        model_repository=MODEL_REPOSITORY,
+        log_dir=log_dir,
+        extra_args=extra_args,
+    )
+
+
+def tiny_lm_variant(root: Path, **parameters: str) -> Path:
+    """A model repository at ``root`` holding only a copy of tiny_lm with these config
+    ``parameters`` (e.g. ``concurrent_sequences="1000"``), each replacing the config's
+    value or, when the config has none by that name, added."""
+    model = root / "tiny_lm"
+    shutil.copytree(
+        MODEL_REPOSITORY / "tiny_lm", model, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    config = model / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        line = f'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}'
+        text, count = re.subn(rf'^parameters \{{ key: "{key}",.*$', line, text, flags=re.MULTILINE)
+        if count == 0:
+            text += line + "\n"
+    config.write_text(text)
+    return root
+
+
+def admit_everything(path: Path, requests: int) -> Path:
+    """A gateway config file whose admission limits and queue saturation let ``requests``
+    (and a few more) be in flight at once: for tests that hold many streams open, not
+    ones that shed them."""
+    limit = requests + 16
+    path.write_text(
+        "[admission]\n"
+        f"max_inflight = {limit}\nmax_inflight_hard = {limit}\n"
+        f"model_max_inflight = {limit}\nmodel_max_inflight_hard = {limit}\n"
+        f"[scoring]\nqueue_saturation = {limit}\n"
+    )
+    return path
+
+
+async def tiny_lm_stream(
+    session: aiohttp.ClientSession, base_url: str, max_tokens: int, *, openai: bool
+) -> int:
+    """One streamed tiny_lm generation through a gateway: ``/v1/chat/completions`` with
+    usage when ``openai``, else ``/v2/models/tiny_lm/generate_stream``. Returns the tokens
+    received (tiny_lm sends one word per token) after checking that the stream ended
+    properly and that the model's own count agrees; raises AssertionError otherwise."""
+    prompt = "We hold these truths"
+    if openai:
+        path = "/v1/chat/completions"
+        body: dict[str, Any] = {
+            "model": "tiny_lm",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    else:
+        path = "/v2/models/tiny_lm/generate_stream"
+        body = {"text_input": prompt, "max_tokens": max_tokens, "stream": True}
+    text, reported, done = "", -1, False
+    async with session.post(base_url + path, json=body) as reply:
+        assert reply.status == 200, await reply.text()
+        async for line in reply.content:
+            assert not line.startswith(b"event: error"), line
+            if not line.startswith(b"data: "):
+                continue
+            if line.strip() == b"data: [DONE]":
+                done = True
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if openai:
+                for choice in event["choices"]:
+                    text += choice["delta"].get("content") or ""
+                if event.get("usage"):
+                    reported = event["usage"]["completion_tokens"]
+            else:
+                text += event["text_output"]
+                reported = event["completion_tokens"]
+    assert done or not openai, "the OpenAI stream ended without [DONE]"
+    received = len(text.split())
+    assert received == reported, f"received {received} tokens, the model counted {reported}"
+    return received
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,33 @@ async def test_sigterm_lets_streams_finish(triton_fleet: TritonFleet, run_dir: P
         assert await asyncio.to_thread(gw.process.wait, 20) == 0
     finally:
         stop_gateway(gw)
+
+
+async def test_sigterm_lets_fast_lane_requests_finish(
+    triton_fleet: TritonFleet, run_dir: Path
+) -> None:
+    """A unary request on the fast lane finishes after SIGTERM and its connection closes;
+    an idle kept-alive connection is closed at once."""
+    backends = [s.backend_url for s in triton_fleet.servers]
+    gw = start_gateway(backends, run_dir / "drain-fast-gateway.log", "--drain-timeout", "20")
+    try:
+        body = {"text_input": "We the People", "max_tokens": TOKENS}
+        async with aiohttp.ClientSession() as busy, aiohttp.ClientSession() as idle:
+            async with idle.get(gw.url + "/v2/health/ready") as r:  # now kept alive, idle
+                assert r.status == 200 and "Server" not in r.headers
+            request = asyncio.create_task(
+                busy.post(gw.url + "/v2/models/tiny_lm/generate", json=body)
+            )
+            await asyncio.sleep(0.2)  # the generation is under way
+            gw.process.send_signal(signal.SIGTERM)
+            async with await request as r:
+                assert r.status == 200 and "Server" not in r.headers  # the fast lane's
+                assert r.headers["Connection"] == "close"
+                answer = await r.json()
+            assert answer["completion_tokens"] == TOKENS
+            with pytest.raises(aiohttp.ClientConnectionError):  # closed, and not listening
+                async with idle.get(gw.url + "/v2/health/ready"):
+                    pass
+        assert await asyncio.to_thread(gw.process.wait, 20) == 0
+    finally:
+        stop_gateway(gw)

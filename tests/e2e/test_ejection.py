@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 import tritonclient.http as httpclient
 
-from gateway.local_triton import TritonFleet, find_free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, start_gateway, stop_gateway
+from gateway.local_triton import TritonFleet
+from tests.e2e.conftest import Gateway, dedicated_fleet, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -23,12 +23,7 @@ EMBED = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 384], "da
 
 @pytest.fixture(scope="module")
 def fleet(run_dir: Path) -> Iterator[TritonFleet]:
-    with TritonFleet(
-        count=2,
-        port_base=find_free_port_base(2),
-        model_repository=MODEL_REPOSITORY,
-        log_dir=run_dir / "ejection-triton",
-    ) as fleet:
+    with dedicated_fleet(run_dir / "ejection-triton") as fleet:
         yield fleet
 
 

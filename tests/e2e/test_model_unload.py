@@ -12,8 +12,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gateway.local_triton import TritonFleet, find_free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, admin_fleet, start_gateway, stop_gateway
+from gateway.local_triton import TritonFleet
+from tests.e2e.conftest import Gateway, admin_fleet, dedicated_fleet, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +27,8 @@ BINARY_HEADER = (
 
 @pytest.fixture(scope="module")
 def fleet(run_dir: Path) -> Iterator[TritonFleet]:
-    with TritonFleet(
-        count=2,
-        port_base=find_free_port_base(2),
-        model_repository=MODEL_REPOSITORY,
-        log_dir=run_dir / "unload-triton",
-        extra_args=["--model-control-mode=explicit", "--load-model=*"],
+    with dedicated_fleet(
+        run_dir / "unload-triton", "--model-control-mode=explicit", "--load-model=*"
     ) as fleet:
         yield fleet
 
@@ -87,10 +83,10 @@ async def test_unloaded_model_costs_no_request(gateway: Gateway, fleet: TritonFl
         repository_call(fleet, 1, "embed", "unload")
         repository_call(fleet, 1, "tiny_lm", "unload")
         try:
-            # One model at a time, so that round-robin alternates over the backends
-            # for each of them (its turn counter is shared by all models).
-            statuses = [await infer(session, gateway) for _ in range(6)]
-            statuses += [await stream(session, gateway) for _ in range(6)]
+            # Interleaved: round-robin rotates each model over both backends on its own.
+            statuses = []
+            for _ in range(6):
+                statuses += [await infer(session, gateway), await stream(session, gateway)]
             assert statuses == [200] * 12
             view = await admin_fleet(gateway, TOKEN)
             (b1,) = [b for b in view["backends"] if b["id"] == "b1"]

@@ -7,6 +7,8 @@ and semantics follow Triton's LLM backends; model_repository/README.md documents
 
 Generation runs synchronously inside ``execute()`` on purpose: one instance serves one
 sequence at a time, so concurrent requests wait in Triton's queue as on a busy GPU.
+Only the optional config parameter ``concurrent_sequences`` (unset by default) changes
+that, for load tests that need many streams at once.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import math
 import random
 import string
+import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,8 +179,13 @@ def response(text: str, finish_reason: str, prompt_tokens: int, completion_token
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        pace = config.get("parameters", {}).get("ms_per_token", {}).get("string_value", "0")
+        parameters = config.get("parameters", {})
+        pace = parameters.get("ms_per_token", {}).get("string_value", "0")
         self.seconds_per_token = float(pace) / 1000.0
+        # Above 1, sequences run on that many threads and execute() returns at once: a
+        # decoupled model's response sender may answer after execute() returned.
+        concurrent = int(parameters.get("concurrent_sequences", {}).get("string_value", "1"))
+        self.pool = ThreadPoolExecutor(concurrent, "tiny_lm") if concurrent > 1 else None
         self.model = TrigramModel(CORPUS.read_text(encoding="utf-8"))
         # The family must stay referenced or Triton drops the metric from /metrics.
         self.tokens_family = pb_utils.MetricFamily(
@@ -187,6 +196,8 @@ class TritonPythonModel:
         self.tokens = self.tokens_family.Metric(
             labels={"model": args["model_name"], "version": args["model_version"]}
         )
+        # Metric updates from concurrent threads crash Triton 2.51's server (measured).
+        self.tokens_lock = threading.Lock()
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -197,7 +208,21 @@ class TritonPythonModel:
                 error = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
                 sender.send(error, flags=FINAL)
                 continue
+            if self.pool is None:
+                self._generate(generation, sender)
+            else:
+                self.pool.submit(self._generate_on_thread, generation, sender)
+
+    def finalize(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # let running sequences send their final response
+
+    def _generate_on_thread(self, generation: Generation, sender) -> None:
+        try:
             self._generate(generation, sender)
+        except Exception as exc:  # the pool would keep it: end the stream with it instead
+            error = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            sender.send(error, flags=FINAL)
 
     def _generate(self, generation: Generation, sender) -> None:
         rng = random.Random(generation.seed)
@@ -213,7 +238,8 @@ class TritonPythonModel:
             word = self.model.next_word(context, rng, generation.temperature, generation.top_p)
             context = [*context[-1:], word]
             count += 1
-            self.tokens.increment(1)
+            with self.tokens_lock:
+                self.tokens.increment(1)
             before = len(text)
             text += " " + word
             stop = find_stop(text, before, stop_words)

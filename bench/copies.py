@@ -1,0 +1,141 @@
+"""How many tensor-sized buffers the gateway allocates per 4 MiB request (issue 8,
+"zero-copy": the tensor bytes are copied at most once inside the gateway, each way).
+
+    .venv/bin/python -m bench.copies [--mib 4] [--requests 5]
+
+One real tritonserver, and one gateway per front end (the fast lane, and aiohttp's with
+``--no-fast-lane``), each started with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc
+serves every allocation of 128 KiB or more with its own ``mmap`` (growing one with
+``mremap``). ``strace`` counts those calls of at least the tensor's size while binary
+``infer`` requests of a ``--mib`` MiB BYTES tensor, its echo asked back as binary, go
+to ``tokenize`` from ``curl``: each is a buffer that holds a whole copy of the tensor.
+Receiving the request and receiving the reply need one each, so 2 per request is the
+floor for a proxy that holds whole messages (nginx streams them instead). Reads of at
+most 256 KiB from the socket are below the threshold: they are the kernel's copy, which
+every proxy makes. Needs Debian's strace and curl. Writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.record import write_record
+from gateway.local_triton import TritonFleet, find_free_port_base
+from tests.e2e.conftest import start_gateway, stop_gateway
+
+REPO = Path(__file__).resolve().parents[1]
+_SIZE = re.compile(rb"(mmap\(NULL, |mremap\(0x[0-9a-f]+, \d+, )(\d+)")
+
+
+def tokenize_request(mib: int) -> tuple[bytes, int]:
+    """A binary infer body echoing ``mib`` MiB of 4 KiB strings, and its header length."""
+    count = mib * 256
+    rng = np.random.default_rng(0)
+    tail = b"".join(
+        len(s).to_bytes(4, "little") + s for s in (rng.bytes(4092) for _ in range(count))
+    )
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "TEXT",
+                    "datatype": "BYTES",
+                    "shape": [count],
+                    "parameters": {"binary_data_size": len(tail)},
+                }
+            ],
+            "outputs": [{"name": "ECHO", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + tail, len(header)
+
+
+def curl(url: str, body_file: Path, header_length: int) -> int:
+    """POST the file (a plain request: no ``Expect: 100-continue``); the status."""
+    command = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:"]
+    command += ["-H", f"Inference-Header-Content-Length: {header_length}"]
+    command += ["--data-binary", f"@{body_file}", url]
+    return int(subprocess.run(command, capture_output=True, check=True).stdout)
+
+
+def buffers_per_request(
+    url: str, pid: int, body_file: Path, header_length: int, size: int, requests: int, log: Path
+) -> float:
+    """Tensor-sized mmap/mremap calls of the gateway process per request."""
+    for _ in range(50):  # discovery finds the model within a few passes
+        if curl(url, body_file, header_length) == 200:
+            break
+        time.sleep(0.2)
+    trace = log.with_suffix(".strace")
+    strace = subprocess.Popen(
+        ["strace", "-f", "-e", "trace=mmap,mremap", "-o", str(trace), "-p", str(pid)],
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached to every thread
+    for _ in range(requests):
+        assert curl(url, body_file, header_length) == 200
+    strace.terminate()
+    strace.wait()
+    sizes = [int(m.group(2)) for m in _SIZE.finditer(trace.read_bytes())]
+    return sum(1 for s in sizes if s >= size) / requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=5)
+    args = parser.parse_args()
+    body, header_length = tokenize_request(args.mib)
+    size = len(body) - header_length
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        body_file = Path(tmp) / "body"
+        body_file.write_bytes(body)
+        fleet = TritonFleet(
+            count=1,
+            port_base=find_free_port_base(1),
+            model_repository=REPO / "model_repository",
+            log_dir=Path(tmp),
+        )
+        with fleet:
+            for name, flag in (("fast lane", "--fast-lane"), ("aiohttp", "--no-fast-lane")):
+                log = Path(tmp) / f"gateway-{flag}.log"
+                gateway = start_gateway(
+                    [fleet.servers[0].backend_url],
+                    log,
+                    flag,
+                    "--max-body-bytes",
+                    str(4 * size),
+                    env={"MALLOC_MMAP_THRESHOLD_": "131072"},
+                )
+                try:
+                    url = gateway.url + "/v2/models/tokenize/infer"
+                    results[name] = buffers_per_request(
+                        url,
+                        gateway.process.pid,
+                        body_file,
+                        header_length,
+                        size,
+                        args.requests,
+                        log,
+                    )
+                finally:
+                    stop_gateway(gateway)
+                print(f"{name:10s} tensor-sized buffers per request: {results[name]:.1f}")
+    write_record(
+        "copies",
+        f"copies-{args.mib}mib",
+        {"tensor_bytes": size, "requests": args.requests, "buffers_per_request": results},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The fast lane over real sockets: hot routes served by it, everything else handed to
+aiohttp on the same connection, answers identical to Triton's own.
+
+Which server answered is visible: aiohttp adds a ``Server`` header, the fast lane not.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from gateway.local_triton import TritonFleet
+from tests.e2e.conftest import Gateway
+
+pytestmark = pytest.mark.e2e
+
+
+def _infer_body(rows: int, seed: int) -> tuple[bytes, int]:
+    x = np.random.default_rng(seed).standard_normal((rows, 384), dtype=np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "FP32",
+                    "shape": [rows, 384],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + x.tobytes(), len(header)
+
+
+def _bytes_infer_request(count: int, size: int, seed: int) -> bytes:
+    """tokenize's ECHO of ``count`` random byte strings of ``size`` bytes, binary both ways."""
+    rng = np.random.default_rng(seed)
+    tail = b"".join(
+        len(item).to_bytes(4, "little") + item for item in (rng.bytes(size) for _ in range(count))
+    )
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "TEXT",
+                    "datatype": "BYTES",
+                    "shape": [count],
+                    "parameters": {"binary_data_size": len(tail)},
+                }
+            ],
+            "outputs": [{"name": "ECHO", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return _request(
+        "POST",
+        "/v2/models/tokenize/infer",
+        header + tail,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+def _request(
+    method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if "Transfer-Encoding" not in (headers or {}):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _infer_request(body: bytes, header_length: int) -> bytes:
+    return _request(
+        "POST",
+        "/v2/models/embed/infer",
+        body,
+        {"Inference-Header-Content-Length": str(header_length)},
+    )
+
+
+class Reader:
+    """Reads HTTP/1.1 responses with Content-Length bodies off one socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers["content-length"])
+        while len(self.buffer) < length:
+            self._more()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        assert chunk, "connection closed"
+        self.buffer += chunk
+
+
+def _connect(host_port: str) -> tuple[socket.socket, Reader]:
+    host, port = host_port.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    return sock, Reader(sock)
+
+
+def _direct(fleet: TritonFleet, raw: bytes) -> bytes:
+    """The body Triton itself answers ``raw`` with (each server has the same model)."""
+    sock, reader = _connect(f"127.0.0.1:{fleet.servers[0].http_port}")
+    with sock:
+        sock.sendall(raw)
+        status, _, body = reader.response()
+    assert status == 200
+    return body
+
+
+def test_hot_routes_then_an_other_route_on_one_connection(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    body, header_length = _infer_body(1, seed=1)
+    raw = _infer_request(body, header_length)
+    expected = _direct(triton_fleet, raw)
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        sock.sendall(raw)
+        status, headers, answer = reader.response()
+        assert (status, answer) == (200, expected)
+        assert "server" not in headers  # the fast lane answered
+        assert headers["x-request-id"]
+        assert headers["inference-header-content-length"]
+
+        sock.sendall(_request("GET", "/v2/health/ready"))
+        status, headers, _ = reader.response()
+        assert status == 200 and "server" not in headers
+
+        sock.sendall(_request("GET", "/v2/models/embed"))  # not hot: handed to aiohttp
+        status, headers, answer = reader.response()
+        assert status == 200 and "aiohttp" in headers["server"]
+        assert json.loads(answer)["name"] == "embed"
+
+        sock.sendall(raw)  # the connection stays with aiohttp, same answer
+        status, headers, answer = reader.response()
+        assert (status, answer) == (200, expected)
+        assert "aiohttp" in headers["server"]
+
+
+def test_pipelined_requests_are_answered_in_order(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    requests = [_infer_request(*_infer_body(1, seed)) for seed in (2, 3, 4)]
+    expected = [_direct(triton_fleet, raw) for raw in requests]
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        sock.sendall(b"".join(requests))
+        answers = [reader.response() for _ in requests]
+    assert [(status, body) for status, _, body in answers] == [(200, body) for body in expected]
+    assert all("server" not in headers for _, headers, _ in answers)
+
+
+def test_a_large_body_sent_slowly_arrives_whole(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    raw = _bytes_infer_request(1024, 4096, seed=5)  # a 4 MiB tensor, and its echo
+    expected = _direct(triton_fleet, raw)
+    assert len(expected) > 4 * 2**20
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        for start in range(0, len(raw), 256 * 1024):
+            sock.sendall(raw[start : start + 256 * 1024])
+            time.sleep(0.002)
+        status, headers, answer = reader.response()
+        assert (status, answer) == (200, expected)
+        assert "server" not in headers
+        sock.sendall(raw)  # and the next request on the connection too
+        assert reader.response()[2] == expected
+
+
+def test_errors_on_the_fast_lane_are_json_and_keep_the_connection(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    body, header_length = _infer_body(1, seed=6)
+    expected = _direct(triton_fleet, _infer_request(body, header_length))
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        for bad, status, kind in [
+            (_request("POST", "/v2/models/embed/infer", b"{oops"), 400, "invalid_request"),
+            (_request("POST", "/v2/models/nope/infer", b"{}"), 404, "not_found"),
+            (
+                _request("POST", "/v2/models/embed/infer", b"{}", {"x-meshgate-timeout-ms": "x"}),
+                400,
+                "invalid_request",
+            ),
+        ]:
+            sock.sendall(bad)
+            got, headers, answer = reader.response()
+            assert (got, json.loads(answer)["type"]) == (status, kind)
+            assert headers["content-type"] == "application/json"
+            assert "server" not in headers and headers["x-request-id"]
+        sock.sendall(_infer_request(body, header_length))
+        assert reader.response()[::2] == (200, expected)
+
+
+@pytest.mark.parametrize("framing", [{"Transfer-Encoding": "chunked"}, {"Expect": "100-continue"}])
+def test_chunked_and_expect_requests_are_served_by_aiohttp(
+    gateway: Gateway, triton_fleet: TritonFleet, framing: dict[str, str]
+) -> None:
+    body, header_length = _infer_body(1, seed=7)
+    expected = _direct(triton_fleet, _infer_request(body, header_length))
+    headers = {"Inference-Header-Content-Length": str(header_length), **framing}
+    payload = (
+        f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        if framing.get("Transfer-Encoding")
+        else body
+    )
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        sock.sendall(_request("POST", "/v2/models/embed/infer", payload, headers))
+        if "Expect" in framing:
+            continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+            while len(reader.buffer) < len(continue_line):
+                reader._more()
+            assert reader.buffer.startswith(continue_line)
+            reader.buffer = reader.buffer[len(continue_line) :]
+        status, answer_headers, answer = reader.response()
+    assert (status, answer) == (200, expected)
+    assert "aiohttp" in answer_headers["server"]
+
+
+def test_a_content_type_triton_chokes_on_neither_fails_nor_ejects(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    """Triton's HTTP server drops the connection on a binary body labelled as a form
+    (curl's default): the gateway labels what it forwards itself, so one client's
+    header cannot take backends out of rotation."""
+    raw = _bytes_infer_request(4, 16, seed=8)
+    expected = _direct(triton_fleet, raw)
+    labelled = raw.replace(
+        b"Host: 127.0.0.1\r\n",
+        b"Host: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n",
+    )
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        for _ in range(4):  # more than there are backends
+            sock.sendall(labelled)
+            assert reader.response()[::2] == (200, expected)
