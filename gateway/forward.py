@@ -189,23 +189,25 @@ async def stream_replies(
 
 
 async def open_stream(
-    lease: Lease, wire_for: Callable[[Backend], bytes], timeouts: Timeouts
-) -> tuple[Any, AsyncGenerator[Any, None]]:
-    """Start a streaming call with failover until its first reply (nothing has reached
-    the client before it). Returns that reply and the rest; the caller must ``aclose``
-    the rest, which cancels the call."""
+    lease: Lease, replies_for: Callable[[Backend], AsyncGenerator[T, None]], timeout: float
+) -> tuple[T, AsyncGenerator[T, None]]:
+    """Start a stream (``replies_for`` a backend) with failover until its first reply
+    (nothing has reached the client before it), within the request's ``timeout``.
+    Returns that reply and the rest; the caller must ``aclose`` the rest, which ends
+    the upstream call."""
 
-    async def first_reply(backend: Backend) -> tuple[Any, AsyncGenerator[Any, None]]:
-        replies = stream_replies(backend, wire_for(backend), timeouts, lease.trail.metadata)
+    async def first_reply(backend: Backend) -> tuple[T, AsyncGenerator[T, None]]:
+        replies = replies_for(backend)
         try:
-            return await anext(replies), replies
+            async with asyncio.timeout(timeout - lease.elapsed()):
+                return await anext(replies), replies
         except StopAsyncIteration:
             raise UpstreamError("the model ended the stream without a response", 502) from None
         except BaseException:
             await replies.aclose()
             raise
 
-    first, rest = await with_failover(lease, first_reply, timeouts.total)
+    first, rest = await with_failover(lease, first_reply, timeout)
     return first, _reporting_failures(lease, rest)
 
 
@@ -222,7 +224,7 @@ async def _reporting_failures(
         if is_connection_failure(exc):
             lease.backend_failed()
         raise
-    except UpstreamStalled:
+    except (UpstreamStalled, UpstreamConnectionError):
         lease.backend_failed()
         raise
     finally:

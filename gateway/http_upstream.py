@@ -92,7 +92,7 @@ class _Connection(asyncio.Protocol):
                     self._fail("reply head too large")
                 return
             try:
-                self._head = _parse_head(bytes(self._buffer[:end]))
+                self._head = parse_reply_head(bytes(self._buffer[:end]))
                 self._length = int(self._head[1][b"content-length"])
             except (ValueError, KeyError, IndexError) as exc:
                 self._fail(f"unsupported reply from Triton: {exc!r}")
@@ -135,7 +135,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _parse_head(head: bytes) -> tuple[int, dict[bytes, bytes]]:
+def parse_reply_head(head: bytes) -> tuple[int, dict[bytes, bytes]]:
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
     headers = {}
@@ -150,6 +150,7 @@ class HttpPool:
     (requests beyond wait; admission bounds how many can wait)."""
 
     def __init__(self, target: str, max_connections: int = 64) -> None:
+        self.target = target  # host:port
         host, _, port = target.rpartition(":")
         self._host = host
         self._port = int(port)

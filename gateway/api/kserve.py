@@ -1,9 +1,11 @@
-"""Triton's own HTTP API (KServe v2 + generate extension), served from the fleet over gRPC."""
+"""Triton's own HTTP API (KServe v2 + generate extension), served from the fleet: over
+each backend's HTTP endpoint where it is known (infer, generate_stream), else gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -12,11 +14,19 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2 as pb
 
 from fastpath import grpc_wire
+from fastpath.framing import sse_event
 
 from .. import kserve_codec as codec
 from .. import sse
 from ..config import GatewayConfig
-from ..errors import BadRequest, GatewayError, ModelGone, UpstreamError
+from ..errors import (
+    TRITON_UNKNOWN_MODEL,
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    ModelGone,
+    UpstreamError,
+)
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
     admit,
@@ -28,13 +38,16 @@ from ..forward import (
     stream_replies,
     with_failover,
 )
+from ..http_stream import StreamRefused, open_sse_stream
 from ..http_upstream import (
     FORWARDED_REPLY_HEADERS,
     FORWARDED_REQUEST_HEADERS,
     TRACE_HEADERS,
     HttpReply,
+    UpstreamConnectionError,
 )
 from ..protojson import message_to_dict
+from ..router import Lease
 from ..telemetry import TRAIL
 from ..upstream import upstream_error
 from .keys import CONFIG, FLEET, LIFECYCLE
@@ -163,6 +176,10 @@ async def infer(request: web.Request) -> web.Response:
             reply = await backend.http.post(request.raw_path, headers, body, timeout)
             if reply.status == 404:  # the fleet knows the model: this backend lost it
                 raise ModelGone(reply.body.decode("utf-8", "replace"))
+            if reply.status == 500:
+                message = _error_message(reply.body)
+                if _client_fault_status(500, message) == 400:
+                    raise BadRequest(message)
             return _passthrough(reply)
         if not grpc_call:
             grpc_call.append(codec.encode_infer(model, version, parsed))
@@ -303,28 +320,103 @@ def _tokens_so_far(body: dict[str, Any], replies: int) -> int:
     return count if type(count) is int else replies
 
 
+# A streamed event as sent to the client, and the model's running completion_tokens
+# output when it has one (charged to the tenant as it streams).
+Event = tuple[bytes, Any]
+
+
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    gen = _Generate(request, codec.parse_json(await request.read()))
+    raw = await request.read()
+    gen = _Generate(request, codec.parse_json(raw))
+    timeouts = request_timeouts(request)
+    deadline = asyncio.get_running_loop().time() + timeouts.total
+
+    def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
+        wire = gen.wire_for(backend)  # checks the request as gRPC would (Triton's HTTP: 500s)
+        if backend.http is not None:
+            return _http_events(backend, request, raw, timeouts.idle, deadline, lease)
+        return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
+
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
-        first, rest = await open_stream(lease, gen.wire_for, request_timeouts(request))
+        first, rest = await open_stream(lease, events_for, timeouts.total)
         lease.first_response()
         try:
             response = await sse.open_stream(request)
-            body = codec.generate_response_json(first)
-            lease.count_tokens(_tokens_so_far(body, 1))
-            await sse.send_json(response, body)
+            event, completion_tokens = first
             replies = 1
-            async for reply in rest:
+            while True:
+                lease.count_tokens(completion_tokens if type(completion_tokens) is int else replies)
+                await response.write(event)
+                next_event = await anext(rest, None)
+                if next_event is None:
+                    break
+                event, completion_tokens = next_event
                 replies += 1
-                body = codec.generate_response_json(reply)
-                lease.count_tokens(_tokens_so_far(body, replies))
-                await sse.send_json(response, body)
         except grpc.aio.AioRpcError as exc:
             # After the first byte nothing is replayed: the client is told, explicitly.
             await sse.send_json(response, {"error": upstream_error(exc).message})
-        except UpstreamError as exc:
+        except (UpstreamError, GatewayTimeout) as exc:
             await sse.send_json(response, {"error": exc.message})
+        except UpstreamConnectionError as exc:
+            await sse.send_json(response, {"error": f"the backend's stream broke: {exc}"})
         finally:
             await rest.aclose()
     await response.write_eof()
     return response
+
+
+async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Event, None]:
+    try:
+        async for reply in replies:
+            body = codec.generate_response_json(reply)
+            yield sse_event(orjson.dumps(body)), body.get("completion_tokens")
+    finally:
+        await replies.aclose()
+
+
+async def _http_events(
+    backend: Backend, request: web.Request, raw: bytes, idle: float, deadline: float, lease: Lease
+) -> AsyncGenerator[Event, None]:
+    """Triton's own events, as it sent them (see gateway/http_stream.py)."""
+    assert backend.http is not None
+    headers = [("Content-Type", _JSON), *lease.trail.metadata]
+    stream = await open_sse_stream(
+        backend.http.target, backend.id, request.raw_path, headers, raw, idle, deadline
+    )
+    try:
+        try:
+            await stream.head()
+        except StreamRefused as exc:
+            message = _error_message(exc.body)
+            if exc.status == 404:  # the fleet knows the model: this backend lost it
+                raise ModelGone(message) from None
+            raise UpstreamError(message, _client_fault_status(exc.status, message)) from None
+        while (event := await stream.next_event()) is not None:
+            payload = codec.parse_json(event.partition(b"data:")[2], "event")
+            error = payload.get("error")
+            if isinstance(error, str):
+                if error.startswith(TRITON_UNKNOWN_MODEL):
+                    raise ModelGone(error)
+                raise UpstreamError(error, 400)
+            yield event, payload.get("completion_tokens")
+    finally:
+        stream.close()
+
+
+# How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true),
+# which it answers with 500 although the client is at fault.
+_TRITON_DATA_FAULT = "Unable to parse 'data'"
+
+
+def _client_fault_status(status: int, message: str) -> int:
+    """400 for what Triton answers 500 but is the client's fault, else ``status``."""
+    return 400 if status == 500 and message.startswith(_TRITON_DATA_FAULT) else status
+
+
+def _error_message(body: bytes | bytearray) -> str:
+    """The message of a Triton error body (``{"error": ...}``), or the body itself."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    return error if isinstance(error, str) else body.decode("utf-8", "replace")

@@ -25,7 +25,7 @@ from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
 from ..config import GatewayConfig
 from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fleet import Backend, Fleet
-from ..forward import admit, check_max_tokens, open_stream, request_timeouts
+from ..forward import admit, check_max_tokens, open_stream, request_timeouts, stream_replies
 from ..metrics import NONE
 from ..openai_profiles import (
     ReplyReader,
@@ -280,12 +280,15 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     configured = request.app[CONFIG].model_settings(call.model).profile
     chunks = _Chunks(call, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
 
-    def wire_for(backend: Backend) -> bytes:
+    timeouts = request_timeouts(request)
+
+    def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
         info = fleet.model_info(backend, call.model)
-        return profile_for(info, configured).encode(info, sampling, chunks.id)
+        wire = profile_for(info, configured).encode(info, sampling, chunks.id)
+        return stream_replies(backend, wire, timeouts, lease.trail.metadata)
 
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
-        first, rest = await open_stream(lease, wire_for, request_timeouts(request))
+        first, rest = await open_stream(lease, replies_for, timeouts.total)
         lease.first_response()
         reader = _MeteredReader(lease)
         try:

@@ -20,7 +20,7 @@ IDLE_TIMEOUT_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def slow_gateway(run_dir: Path) -> Iterator[Gateway]:
+def slow_fleet(run_dir: Path) -> Iterator[TritonFleet]:
     repository = run_dir / "slow-repository"
     shutil.copytree(MODEL_REPOSITORY / "tiny_lm", repository / "tiny_lm")
     config = repository / "tiny_lm" / "config.pbtxt"
@@ -34,15 +34,24 @@ def slow_gateway(run_dir: Path) -> Iterator[Gateway]:
         log_dir=run_dir / "slow-triton",
     )
     with fleet:
-        server = fleet.servers[0]
-        gw = start_gateway(
-            [f"grpc://{server.grpc_url}"],
-            run_dir / "slow-gateway.log",
-            "--stream-idle-timeout",
-            str(IDLE_TIMEOUT_S),
-        )
-        yield gw
-        stop_gateway(gw)
+        yield fleet
+
+
+# Streams go over Triton's HTTP endpoint when the backend names one, else over gRPC.
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def slow_gateway(
+    slow_fleet: TritonFleet, run_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Gateway]:
+    server = slow_fleet.servers[0]
+    backend = server.backend_url if request.param == "http" else f"grpc://{server.grpc_url}"
+    gw = start_gateway(
+        [backend],
+        run_dir / f"slow-gateway-{request.param}.log",
+        "--stream-idle-timeout",
+        str(IDLE_TIMEOUT_S),
+    )
+    yield gw
+    stop_gateway(gw)
 
 
 async def test_request_deadline_is_504_before_first_byte(slow_gateway: Gateway) -> None:
