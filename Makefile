@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV := .venv
 TRITON_VENV := .venv-triton
+LITELLM_VENV := .venv-litellm
 BIN := $(VENV)/bin
 PORT ?= 8080
 TRITON_PORT_BASE ?= 18000
 TRITON_COUNT ?= 2
 
-.PHONY: run test unit e2e bench build lint venv triton-venv clean
+.PHONY: run test unit e2e bench bench-suite build lint venv triton-venv litellm-venv clean
 
 venv: $(VENV)/.installed
 triton-venv: $(TRITON_VENV)/.installed
+litellm-venv: $(LITELLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,18 @@ $(TRITON_VENV)/.installed:
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q --upgrade pip
 	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2'
+	touch $@
+
+# LiteLLM's proxy, a peer of `make bench`, in its own venv: its pins would fight ours.
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==1.106.2'
+	touch $@
+
+# The bench extra (matplotlib, tqdm) on top of the test install.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
 # Compiled fastpath in place (the editable install imports it from the source tree).
@@ -43,8 +57,15 @@ unit: build
 e2e: build triton-venv
 	$(BIN)/python -m pytest tests/e2e -q
 
-# pytest-benchmark suite; JSON lands in bench/results/. Scenario scripts: bench/README.md.
-bench: build triton-venv
+# Every published number in one run (bench/publish.py): JSON + PNGs in bench/results/,
+# the targets printed at the end. LiteLLM is a peer: if its venv cannot be installed the
+# run goes on and says so.
+bench: build triton-venv $(VENV)/.bench-installed
+	-$(MAKE) litellm-venv
+	$(BIN)/python -m bench.publish
+
+# The pytest-benchmark suite (bench/test_bench_*.py); its JSON lands in bench/results/.
+bench-suite: build triton-venv
 	mkdir -p bench/results
 	$(BIN)/python -m pytest bench -q --benchmark-only \
 		--benchmark-json=bench/results/benchmarks-$$(date +%Y%m%d-%H%M%S).json

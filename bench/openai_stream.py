@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 import openai
 
+from bench.measure import percentile
 from bench.peers import local_fleet_and_gateway
 from bench.record import write_record
 from gateway.chat_template import DEFAULT_TEMPLATE, ChatTemplate
@@ -140,11 +141,6 @@ async def run_batch(target: Target, indexes: range, concurrency: int) -> list[Sa
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def summary(target: Target) -> dict[str, Any]:

@@ -1,14 +1,17 @@
-"""Peers for the scenario benchmarks: Debian's nginx as a plain reverse proxy in front of
-Triton servers' HTTP ports, one listener per load-balancing method.
+"""Peers for the benchmarks: Debian's nginx as a plain reverse proxy in front of Triton
+servers' HTTP ports (one listener per load-balancing method), and LiteLLM's proxy with
+its ``triton`` provider; plus the CPU time of a process tree, how every proxy is charged.
 
 nginx is installed with apt-get (package ``nginx-light``) when it is not on the machine;
-that needs root, as on the project's machines.
+that needs root, as on the project's machines. LiteLLM lives in its own venv
+(``make litellm-venv``, ``.venv-litellm``): its pins would fight the gateway's.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -18,13 +21,51 @@ from types import TracebackType
 
 from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.conftest import free_port
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, http_status, start_gateway, stop_gateway
+from tests.e2e.conftest import (
+    MODEL_REPOSITORY,
+    REPO,
+    Gateway,
+    http_status,
+    start_gateway,
+    stop_gateway,
+)
 
 NGINX_PACKAGE = "nginx-light"
 # nginx's upstream directive per method; round-robin is nginx's default, so it has none.
 BALANCING = {"least_conn": "least_conn;", "round_robin": ""}
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
+LITELLM_VENV = REPO / ".venv-litellm"
+_LITELLM_START_TIMEOUT_S = 120.0  # it imports a lot: ~10 s here when the machine is quiet
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer cannot run on this machine; the message says why, for the bench's record."""
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its living descendants (nginx's worker,
+    a server's worker processes), read from /proc."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the ")" that closes the command name: state, ppid, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended while we looked
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        ticks[child] = int(fields[11]) + int(fields[12])  # utime + stime, stat(5) 14 and 15
+    total = 0
+    for child, count in ticks.items():
+        ancestor = child
+        while ancestor not in (pid, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == pid:
+            total += count
+    return total / _TICKS
 
 
 def ensure_nginx() -> Path:
@@ -102,6 +143,12 @@ class NginxPeer:
         self._config = nginx_config(upstreams, self.ports, workdir)
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The master process; its worker is a child (see process_tree_cpu_seconds)."""
+        assert self._process is not None, "started"
+        return self._process.pid
+
     def __enter__(self) -> NginxPeer:
         binary = ensure_nginx()
         (self.workdir / "temp").mkdir(parents=True, exist_ok=True)
@@ -154,6 +201,115 @@ class NginxPeer:
                     log = (self.workdir / "error.log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"nginx did not start listening on {port}: {log}")
                 time.sleep(0.05)
+
+
+def litellm_config(triton_http_url: str, model: str) -> str:
+    """One model routed by LiteLLM's ``triton`` provider to Triton's generate extension:
+    chat completions go to ``.../generate``, or ``.../generate_stream`` when streaming."""
+    return f"""model_list:
+  - model_name: {model}
+    litellm_params:
+      model: triton/{model}
+      api_base: {triton_http_url}/v2/models/{model}/generate
+litellm_settings:
+  # The triton provider maps only max_tokens; other OpenAI fields are dropped, not refused.
+  drop_params: true
+general_settings:
+  # No key, like the gateway without tenants; the proxy listens on 127.0.0.1 only.
+  dangerously_permit_weak_or_unset_master_key: true
+"""
+
+
+class LiteLLMPeer:
+    """LiteLLM's proxy (one uvicorn worker, its default) on 127.0.0.1 in front of one
+    Triton server's HTTP endpoint for ``model``; a context manager that starts it (waiting
+    until it answers) and stops it. Raises PeerUnavailable when ``.venv-litellm`` is
+    missing."""
+
+    def __init__(self, triton_http_url: str, model: str, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._config = litellm_config(triton_http_url, model)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "started"
+        return self._process.pid
+
+    @staticmethod
+    def version() -> str:
+        """The installed litellm version; PeerUnavailable if there is none."""
+        python = LITELLM_VENV / "bin" / "python"
+        if not (LITELLM_VENV / "bin" / "litellm").exists():
+            raise PeerUnavailable(f"LiteLLM is not installed in {LITELLM_VENV} (make litellm-venv)")
+        found = subprocess.run(
+            [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return found.stdout.strip()
+
+    def __enter__(self) -> LiteLLMPeer:
+        self.version()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "litellm.yaml"
+        conf.write_text(self._config)
+        # The cost map is otherwise downloaded from GitHub at import; this machine has no
+        # network beyond package registries.
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        env["LITELLM_DONT_SHOW_FEEDBACK_BOX"] = "true"
+        log = (self.workdir / "litellm.out").open("wb")
+        self._process = subprocess.Popen(
+            [
+                str(LITELLM_VENV / "bin" / "litellm"),
+                *("--config", str(conf), "--host", "127.0.0.1", "--port", str(self.port)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + _LITELLM_START_TIMEOUT_S
+            while http_status(f"{self.url}/health/liveliness") != 200:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.workdir / "litellm.out").read_text(errors="replace")[-2000:]
+                    raise PeerUnavailable(f"LiteLLM proxy did not start: {tail}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (uvicorn and any worker), then SIGKILL. Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def nginx_version() -> str:
+    """``nginx -v`` (it prints to stderr), e.g. ``nginx/1.22.1``."""
+    found = subprocess.run([str(ensure_nginx()), "-v"], capture_output=True, text=True)
+    return (found.stderr or found.stdout).strip().removeprefix("nginx version: ")
 
 
 def _accepts(port: int) -> bool:

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.peers import NginxPeer
+from bench.measure import binary_infer_body, post
+from bench.peers import NginxPeer, process_tree_cpu_seconds
 from gateway.local_triton import TritonFleet
 from tests.e2e.conftest import Gateway, start_gateway, stop_gateway
 
+# binary_infer_body and post are imported from here by test_bench_telemetry.py.
+__all__ = ["binary_infer_body", "post"]
 TARGETS = ["direct", "nginx", "gateway"]
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,8 @@ class Target:
     pid: int | None  # the proxy's process, whose CPU time is measured; None: direct
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the proxy and its direct children (nginx's worker)."""
-        if self.pid is None:
-            return 0.0
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:  # a process that ended while we looked
-                continue
-            if stat.parent.name == str(self.pid) or fields[1] == str(self.pid):
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total / _TICKS
+        """User + system CPU of the proxy and its descendants (nginx's worker)."""
+        return 0.0 if self.pid is None else process_tree_cpu_seconds(self.pid)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +72,7 @@ def target(
             "127.0.0.1", int(single_gateway.url.rsplit(":", 1)[1]), single_gateway.process.pid
         )
     if request.param == "nginx":
-        assert nginx._process is not None
-        return Target("127.0.0.1", nginx.ports["round_robin"], nginx._process.pid)
+        return Target("127.0.0.1", nginx.ports["round_robin"], nginx.pid)
     return Target("127.0.0.1", triton_fleet.servers[0].http_port, None)
 
 
@@ -90,36 +81,6 @@ def connection(target: Target) -> Iterator[http.client.HTTPConnection]:
     conn = http.client.HTTPConnection(target.host, target.port, timeout=60)
     yield conn
     conn.close()
-
-
-def binary_infer_body(
-    inputs: list[tuple[str, str, list[int], bytes]], outputs: list[str]
-) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
-                for n, d, s, b in inputs
-            ],
-            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
-        }
-    ).encode()
-    headers = {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-    return header + b"".join(b for *_, b in inputs), headers
-
-
-def post(
-    conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]
-) -> bytes:
-    conn.request("POST", path, body=body, headers=headers)
-    reply = conn.getresponse()
-    data = reply.read()
-    if reply.status != 200:
-        raise AssertionError(f"{reply.status}: {data[:200]!r}")
-    return data
 
 
 def measure(
