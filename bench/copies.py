@@ -18,7 +18,6 @@ every proxy makes. Needs Debian's strace and curl. Writes JSON to bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.measure import binary_infer_body
 from bench.record import write_record
 from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import start_gateway, stop_gateway
@@ -39,23 +39,11 @@ def tokenize_request(mib: int) -> tuple[bytes, int]:
     """A binary infer body echoing ``mib`` MiB of 4 KiB strings, and its header length."""
     count = mib * 256
     rng = np.random.default_rng(0)
-    tail = b"".join(
+    tensor = b"".join(
         len(s).to_bytes(4, "little") + s for s in (rng.bytes(4092) for _ in range(count))
     )
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "TEXT",
-                    "datatype": "BYTES",
-                    "shape": [count],
-                    "parameters": {"binary_data_size": len(tail)},
-                }
-            ],
-            "outputs": [{"name": "ECHO", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return header + tail, len(header)
+    body, headers = binary_infer_body([("TEXT", "BYTES", [count], tensor)], ["ECHO"])
+    return body, int(headers["Inference-Header-Content-Length"])
 
 
 def curl(url: str, body_file: Path, header_length: int) -> int:
