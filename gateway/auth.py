@@ -128,6 +128,11 @@ class TenantClaim:
         self._charged = 0
         self._open = tenant != ANONYMOUS
 
+    @property
+    def charged(self) -> bool:
+        """Whether this request's tokens are charged to a tenant (not anonymous)."""
+        return self._open
+
     def count_tokens(self, total: int) -> None:
         """The request has generated ``total`` tokens so far: charge the increase."""
         if self._open and total > self._charged:

@@ -6,13 +6,14 @@ This front parses a request head with a few bytes operations and runs the *same*
 middlewares and handler aiohttp would run, on a ``FrontRequest`` that offers the part
 of aiohttp's ``Request`` they use (headers, path, app, per-request keys, ``read``).
 
-Which requests: only unambiguous ones on the routes in ``HOT_ROUTES`` (unary, answered
-with a ``web.Response``): HTTP/1.1, a head within ``max_header_bytes``, a plain
-``Content-Length`` body within ``max_body_bytes`` (no Transfer-Encoding, Expect,
-Upgrade or Content-Encoding), a path without percent-escapes or dot segments. Any
-other request hands its connection, with the bytes read so far, to aiohttp's own
-protocol for the rest of the connection's life, so everything else (streams,
-/v1, admin, errors about malformed requests) behaves exactly as aiohttp serves it.
+Which requests: only unambiguous ones on the routes in ``HOT_ROUTES`` (answered with a
+``web.Response``, or streamed through ``FrontRequest.open_stream``, see gateway/sse.py):
+HTTP/1.1, a head within ``max_header_bytes``, a plain ``Content-Length`` body within
+``max_body_bytes`` (no Transfer-Encoding, Expect, Upgrade or Content-Encoding), a path
+without percent-escapes or dot segments. Any other request hands its connection, with
+the bytes read so far, to aiohttp's own protocol for the rest of the connection's life,
+so everything else (/v1, admin, metadata, errors about malformed requests) behaves
+exactly as aiohttp serves it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ HOT_ROUTES = (
     ("POST", "/v2/models/{model}/versions/{version}/infer"),
     ("POST", "/v2/models/{model}/generate"),
     ("POST", "/v2/models/{model}/versions/{version}/generate"),
+    ("POST", "/v2/models/{model}/generate_stream"),
+    ("POST", "/v2/models/{model}/versions/{version}/generate_stream"),
 )
 # A client's idle keep-alive connection is closed after this long (aiohttp's default).
 KEEPALIVE_TIMEOUT_S = 75.0
@@ -71,7 +74,7 @@ class FrontRequest:
     """The part of aiohttp's ``web.Request`` the middlewares and hot handlers use."""
 
     __slots__ = ("_body", "_keys", "app", "headers", "match_info", "method", "path", "raw_headers",
-                 "raw_path")
+                 "raw_path", "stream", "transport")
 
     def __init__(
         self,
@@ -81,8 +84,11 @@ class FrontRequest:
         raw_headers: list[tuple[bytes, bytes]],
         match_info: MatchInfo,
         body: bytes | bytearray | memoryview,
+        transport: asyncio.Transport,
     ) -> None:
         self.app = app
+        self.transport = transport
+        self.stream: FrontStreamResponse | None = None  # set once a streamed answer began
         self.method = method
         self.raw_path = raw_path
         self.path = raw_path.partition("?")[0]
@@ -108,6 +114,42 @@ class FrontRequest:
     async def read(self) -> bytes:
         # A buffer, not always bytes: every reader of a body here takes any buffer.
         return cast(bytes, self._body)
+
+    async def open_stream(self, headers: dict[str, str]) -> FrontStreamResponse:
+        """Start a streamed (chunked) 200 answer written straight to the connection."""
+        response = FrontStreamResponse(self.transport, headers)
+        await self.app.on_response_prepare.send(cast(web.Request, self), response)
+        response.send_head()
+        self.stream = response
+        return response
+
+
+class FrontStreamResponse(web.StreamResponse):
+    """A streamed answer on a front connection: one chunk per ``write``, each written to
+    the transport at once (what aiohttp's writer does with more bookkeeping)."""
+
+    def __init__(self, transport: asyncio.Transport, headers: dict[str, str]) -> None:
+        super().__init__(status=200, headers=headers)
+        self._transport = transport
+
+    def send_head(self) -> None:
+        lines = [b"HTTP/1.1 200 OK\r\n"]
+        for name, value in self.headers.items():
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        self._transport.write(b"".join(lines))
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.write_chunk(data)
+
+    def write_chunk(self, data: bytes | bytearray | memoryview) -> None:
+        """``write`` without the await, for callbacks (gateway/http_stream.py relay)."""
+        if data:
+            self._transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+        await self.write(data)
+        self._transport.write(b"0\r\n\r\n")
 
 
 class _Route:
@@ -347,8 +389,15 @@ class FrontConnection(asyncio.Protocol):
         head, (route, match_info) = self._head, self._route  # type: ignore[misc]
         assert head is not None
         self._head = self._route = None
+        assert self._transport is not None
         request = FrontRequest(
-            self._lane.app, head.method, head.target, head.raw_headers, match_info, body
+            self._lane.app,
+            head.method,
+            head.target,
+            head.raw_headers,
+            match_info,
+            body,
+            self._transport,
         )
         self.task = asyncio.get_running_loop().create_task(
             self._serve(request, route.handler, head.close)
@@ -359,9 +408,14 @@ class FrontConnection(asyncio.Protocol):
         aiohttp_request = cast(web.Request, request)
         try:
             response = await handler(aiohttp_request)
-            await self._lane.app.on_response_prepare.send(aiohttp_request, response)
             close = close or self._lane.draining
-            payload = _serialize(cast(web.Response, response), close)
+            if request.stream is not None:
+                if response is not request.stream:  # a failure after the stream began
+                    close = True
+                payload: tuple[bytes, bytes | bytearray] = (b"", b"")
+            else:
+                await self._lane.app.on_response_prepare.send(aiohttp_request, response)
+                payload = _serialize(cast(web.Response, response), close)
         except Exception:
             # json_errors answers every failure; reaching here is a bug in this module.
             log.exception("front connection failed on %s %s", request.method, request.path)

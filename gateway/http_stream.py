@@ -8,14 +8,15 @@ on its next write and cancels the request (it cannot notice earlier, see
 triton-inference-server/server#7077).
 
 One timer per stream keeps the idle timeout: it is moved only when it fires, so an
-event costs a clock read, not a timer reschedule.
+event costs a clock read, not a timer reschedule. ``relay`` hands events over from the
+connection's own callback, so a relayed token wakes no task at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from .errors import GatewayTimeout, UpstreamStalled
@@ -52,6 +53,8 @@ class SseStream(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._last_event = 0.0  # loop time; 0: no event yet, no idle timeout yet
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._on_event: Callable[[bytes], None] | None = None  # set by relay
+        self._relayed: asyncio.Future[None] | None = None
         # The request's deadline (loop time) cuts the stream as a gRPC deadline would.
         self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._deadline)
 
@@ -78,7 +81,10 @@ class SseStream(asyncio.Protocol):
         except ValueError as exc:
             self._fail(UpstreamConnectionError(f"malformed stream from Triton: {exc}"))
             return
-        self._wake()
+        if self._on_event is not None:
+            self._deliver()
+        else:
+            self._wake()
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -141,7 +147,35 @@ class SseStream(asyncio.Protocol):
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
+        if self._relayed is not None and not self._relayed.done():
+            self._relayed.set_exception(self._error)
         self._wake()
+
+    def relay(self, on_event: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """From now on, hand each event to ``on_event`` as it arrives, from the
+        connection's callback; the future ends with the stream (or its failure)."""
+        self._on_event = on_event
+        self._relayed = asyncio.get_running_loop().create_future()
+        if self._error is not None:
+            self._relayed.set_exception(self._error)
+        else:
+            self._deliver()
+        return self._relayed
+
+    def _deliver(self) -> None:
+        assert self._on_event is not None and self._relayed is not None
+        if self._relayed.done():
+            return
+        if self._events:
+            self._last_event = asyncio.get_running_loop().time()
+            try:
+                while self._events and not self._relayed.done():  # on_event may close
+                    self._on_event(self._events.popleft())
+            except Exception as exc:  # a malformed event: the stream cannot go on
+                self._fail(UpstreamConnectionError(f"unusable event from Triton: {exc!r}"))
+                return
+        if self._finished and not self._relayed.done():
+            self._relayed.set_result(None)
 
     async def head(self) -> tuple[int, dict[bytes, bytes]]:
         """The reply's status and headers; StreamRefused (with the body) unless 200."""
@@ -197,6 +231,8 @@ class SseStream(asyncio.Protocol):
         self._deadline_timer.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._relayed is not None and not self._relayed.done():
+            self._relayed.set_result(None)
         if self.transport is not None:
             self.transport.close()
 

@@ -191,6 +191,11 @@ class Lease:
         self._later_responses += 1
         self.trail.token()
 
+    @property
+    def charges_tokens(self) -> bool:
+        """Whether the tokens generated are charged to a tenant (worth counting)."""
+        return self.tenant is not None and self.tenant.charged
+
     def count_tokens(self, total: int) -> None:
         """The request has generated ``total`` tokens so far (charged to its tenant)."""
         if self.tenant is not None:

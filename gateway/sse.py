@@ -18,6 +18,12 @@ SSE_HEADERS = {
 
 
 async def open_stream(request: web.Request) -> web.StreamResponse:
+    """The 200 answer's head sent; events follow with ``write``. On the fast lane
+    (gateway/fastlane.py) the request opens the stream on its own connection."""
+    open_front_stream = getattr(request, "open_stream", None)
+    if open_front_stream is not None:
+        response: web.StreamResponse = await open_front_stream(SSE_HEADERS)
+        return response
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
     return response

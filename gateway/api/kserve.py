@@ -26,9 +26,12 @@ from ..errors import (
     GatewayTimeout,
     ModelGone,
     UpstreamError,
+    UpstreamStalled,
 )
+from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
+    Timeouts,
     admit,
     any_backend,
     check_max_tokens,
@@ -38,7 +41,7 @@ from ..forward import (
     stream_replies,
     with_failover,
 )
-from ..http_stream import StreamRefused, open_sse_stream
+from ..http_stream import SseStream, StreamRefused, open_sse_stream
 from ..http_upstream import (
     FORWARDED_REPLY_HEADERS,
     FORWARDED_REQUEST_HEADERS,
@@ -331,10 +334,12 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
 
+    http_streams: list[SseStream] = []  # the HTTP streams opened, the live one last
+
     def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
         wire = gen.wire_for(backend)  # checks the request as gRPC would (Triton's HTTP: 500s)
         if backend.http is not None:
-            return _http_events(backend, request, raw, timeouts.idle, deadline, lease)
+            return _http_events(backend, request, raw, timeouts, deadline, lease, http_streams)
         return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
@@ -343,15 +348,18 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         try:
             response = await sse.open_stream(request)
             event, completion_tokens = first
-            replies = 1
-            while True:
-                lease.count_tokens(completion_tokens if type(completion_tokens) is int else replies)
-                await response.write(event)
-                next_event = await anext(rest, None)
-                if next_event is None:
-                    break
-                event, completion_tokens = next_event
-                replies += 1
+            lease.count_tokens(completion_tokens if type(completion_tokens) is int else 1)
+            await response.write(event)
+            if http_streams and isinstance(response, FrontStreamResponse):
+                await _relay(http_streams[-1], response, lease)
+            else:
+                replies = 1
+                async for event, completion_tokens in rest:
+                    replies += 1
+                    lease.count_tokens(
+                        completion_tokens if type(completion_tokens) is int else replies
+                    )
+                    await response.write(event)
         except grpc.aio.AioRpcError as exc:
             # After the first byte nothing is replayed: the client is told, explicitly.
             await sse.send_json(response, {"error": upstream_error(exc).message})
@@ -375,14 +383,22 @@ async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Eve
 
 
 async def _http_events(
-    backend: Backend, request: web.Request, raw: bytes, idle: float, deadline: float, lease: Lease
+    backend: Backend,
+    request: web.Request,
+    raw: bytes,
+    timeouts: Timeouts,
+    deadline: float,
+    lease: Lease,
+    opened: list[SseStream],
 ) -> AsyncGenerator[Event, None]:
-    """Triton's own events, as it sent them (see gateway/http_stream.py)."""
+    """Triton's own events, as it sent them (see gateway/http_stream.py); the stream is
+    appended to ``opened`` (the fast lane relays the rest of it)."""
     assert backend.http is not None
     headers = [("Content-Type", _JSON), *lease.trail.metadata]
     stream = await open_sse_stream(
-        backend.http.target, backend.id, request.raw_path, headers, raw, idle, deadline
+        backend.http.target, backend.id, request.raw_path, headers, raw, timeouts.idle, deadline
     )
+    opened.append(stream)
     try:
         try:
             await stream.head()
@@ -392,15 +408,48 @@ async def _http_events(
                 raise ModelGone(message) from None
             raise UpstreamError(message, _client_fault_status(exc.status, message)) from None
         while (event := await stream.next_event()) is not None:
-            payload = codec.parse_json(event.partition(b"data:")[2], "event")
-            error = payload.get("error")
-            if isinstance(error, str):
-                if error.startswith(TRITON_UNKNOWN_MODEL):
-                    raise ModelGone(error)
-                raise UpstreamError(error, 400)
-            yield event, payload.get("completion_tokens")
+            yield event, _completion_tokens(event)
     finally:
         stream.close()
+
+
+def _completion_tokens(event: bytes) -> Any:
+    """The running completion_tokens of one of Triton's events; an error event raises."""
+    payload = codec.parse_json(event.partition(b"data:")[2], "event")
+    error = payload.get("error")
+    if isinstance(error, str):
+        if error.startswith(TRITON_UNKNOWN_MODEL):
+            raise ModelGone(error)
+        raise UpstreamError(error, 400)
+    return payload.get("completion_tokens")
+
+
+async def _relay(stream: SseStream, response: FrontStreamResponse, lease: Lease) -> None:
+    """The rest of an HTTP stream on the fast lane: each event written from the upstream
+    connection's callback as it arrives, no task woken per token. Triton's error event
+    is passed on as it is, and ends the stream."""
+    replies = 1
+
+    def on_event(event: bytes) -> None:
+        nonlocal replies
+        replies += 1
+        lease.token()
+        response.write_chunk(event)
+        # Parsed only when it matters: an anonymous request's token count is not charged.
+        if not (lease.charges_tokens or b'"error"' in event):
+            return
+        try:
+            tokens = _completion_tokens(event)
+        except UpstreamError:
+            stream.close()  # Triton ends the stream after an error; so does the relay
+            return
+        lease.count_tokens(tokens if type(tokens) is int else replies)
+
+    try:
+        await stream.relay(on_event)
+    except (UpstreamStalled, UpstreamConnectionError):
+        lease.backend_failed()
+        raise
 
 
 # How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true),

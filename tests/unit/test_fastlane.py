@@ -75,6 +75,12 @@ def _routes() -> HotRoutes:
             {"model": "m", "version": "3"},
         ),
         ("POST", "/v2/models/m/generate", "/v2/models/{model}/generate", {"model": "m"}),
+        (
+            "POST",
+            "/v2/models/m/generate_stream",
+            "/v2/models/{model}/generate_stream",
+            {"model": "m"},
+        ),
         ("GET", "/v2/models/m/ready", "/v2/models/{model}/ready", {"model": "m"}),
         ("GET", "/v2/health/ready", "/v2/health/ready", {}),
     ],
@@ -96,7 +102,6 @@ def test_hot_routes_match_with_their_variables(
     [
         ("GET", "/v2/models/m/infer"),  # wrong method
         ("POST", "/v2/models//infer"),  # empty variable
-        ("POST", "/v2/models/m/generate_stream"),  # streams stay on aiohttp
         ("GET", "/v2/models/m"),
         ("GET", "/v2/models/m/config"),
         ("POST", "/v1/chat/completions"),
