@@ -130,7 +130,41 @@ http {{
 """
 
 
-class NginxPeer:
+class PeerProcess:
+    """A peer's server process, started by a subclass's ``__enter__`` in a session of its
+    own (``start_new_session=True``) so that stopping reaches its children too (nginx's
+    worker, uvicorn's): SIGTERM to the group, then SIGKILL if it lingers."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The main process; workers are its children (see process_tree_cpu_seconds)."""
+        assert self._process is not None, "started"
+        return self._process.pid
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class NginxPeer(PeerProcess):
     """nginx on 127.0.0.1 with one listener per method in ``methods``, proxying to
     ``upstreams`` (``host:port`` of Triton HTTP endpoints); a context manager that starts
     it (waiting until every listener accepts) and stops it. ``urls`` maps method to base URL.
@@ -141,13 +175,7 @@ class NginxPeer:
         self.ports = {method: free_port() for method in methods}
         self.urls = {method: f"http://127.0.0.1:{port}" for method, port in self.ports.items()}
         self._config = nginx_config(upstreams, self.ports, workdir)
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        """The master process; its worker is a child (see process_tree_cpu_seconds)."""
-        assert self._process is not None, "started"
-        return self._process.pid
+        self._process = None
 
     def __enter__(self) -> NginxPeer:
         binary = ensure_nginx()
@@ -164,6 +192,7 @@ class NginxPeer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             self._wait_listening()
@@ -171,26 +200,6 @@ class NginxPeer:
             self.stop()
             raise
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGTERM), then SIGKILL if it lingers. Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
     def _wait_listening(self) -> None:
         assert self._process is not None, "started"
@@ -220,7 +229,7 @@ general_settings:
 """
 
 
-class LiteLLMPeer:
+class LiteLLMPeer(PeerProcess):
     """LiteLLM's proxy (one uvicorn worker, its default) on 127.0.0.1 in front of one
     Triton server's HTTP endpoint for ``model``; a context manager that starts it (waiting
     until it answers) and stops it. Raises PeerUnavailable when ``.venv-litellm`` is
@@ -231,12 +240,7 @@ class LiteLLMPeer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._config = litellm_config(triton_http_url, model)
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None, "started"
-        return self._process.pid
+        self._process = None
 
     @staticmethod
     def version() -> str:
@@ -284,26 +288,6 @@ class LiteLLMPeer:
             self.stop()
             raise
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """SIGTERM to its process group (uvicorn and any worker), then SIGKILL. Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def nginx_version() -> str:
