@@ -7,8 +7,14 @@ Every policy first applies the same hard filters to each candidate slot:
 
 - *unavailable* (never eligible): READY != 1, CIRCUIT_OPEN != 0, DRAINING != 0, WEIGHT <= 0;
 - *saturated* (not eligible, counted in ``Scorer.saturated``): the signal is stale
-  (``now - SIGNAL_AT > MAX_AGE``, or never signalled), QUEUE_DEPTH + INFLIGHT has reached
-  the slot's queue limit, or VRAM_USED / VRAM_TOTAL is above ``vram_saturation``.
+  (``now - SIGNAL_AT > MAX_AGE``, or never signalled), the slot's *load* has reached its
+  queue limit, or VRAM_USED / VRAM_TOTAL is above ``vram_saturation``.
+
+A slot's load is max(QUEUE_DEPTH, INFLIGHT): Triton's queue counts the requests this
+gateway sent that wait there, so adding the two would count those twice (a single
+client at 32 concurrent requests was refused "saturated" at the default limit of 32);
+the larger of the two is exact when the gateway is Triton's only client and a lower
+bound otherwise.
 
 The remaining *eligible* slots are ordered by the policy (see ``Scorer.rank``).
 Keep this file plain Python: no imports of Cython beyond the ``nogil`` shim below.
@@ -66,7 +72,7 @@ class ScoringConfig:
 
     The hybrid score of an eligible slot (lower is better) is::
 
-        ( queue_weight * (QUEUE_DEPTH + INFLIGHT) / queue limit
+        ( queue_weight * max(QUEUE_DEPTH, INFLIGHT) / queue limit
         + vram_weight  * VRAM_USED / VRAM_TOTAL      (0 when VRAM_TOTAL is unknown)
         + kv_weight    * KV_FRACTION                 (0 when not reported)
         + ttft_weight  * TTFT_EWMA / ttft_scale      (0 before the first sample)
@@ -81,7 +87,7 @@ class ScoringConfig:
     ttft_weight: float = 0.5
     ttft_scale: float = 1.0  # seconds of TTFT that weigh as much as a full queue
     vram_saturation: float = 0.95  # VRAM_USED / VRAM_TOTAL above this is saturated
-    queue_saturation: float = 32.0  # default queue limit (QUEUE_DEPTH + INFLIGHT)
+    queue_saturation: float = 32.0  # default queue limit (of the load, see above)
 
     def __post_init__(self) -> None:
         for name in ("queue_weight", "vram_weight", "kv_weight", "ttft_weight"):
@@ -174,7 +180,7 @@ class Scorer:
         Policies (ties are broken by scanning from a seeded random start):
         round_robin: the eligible slot chosen least recently by round_robin first (so
         each model's eligible slots take turns), then the next least recent.
-        least_queue: lowest (QUEUE_DEPTH + INFLIGHT) / WEIGHT first.
+        least_queue: lowest max(QUEUE_DEPTH, INFLIGHT) / WEIGHT first.
         power_of_two: two random eligible slots; the lower hybrid score is first,
         the other second, the rest by hybrid score.
         hybrid: lowest hybrid score first (see ScoringConfig).
@@ -238,7 +244,9 @@ class Scorer:
                     home_hash = h
                     home_pos = -1
                     is_home = True
-            load = state[s, QUEUE_DEPTH] + state[s, INFLIGHT]
+            load = state[s, QUEUE_DEPTH]
+            if state[s, INFLIGHT] > load:  # the larger; a NaN queue depth stays NaN
+                load = state[s, INFLIGHT]
             limit = self._limit(s)
             vram = self._vram(s)
             # Written so that NaN (never signalled, unreadable) fails each test: unknown
@@ -299,7 +307,9 @@ class Scorer:
         if slot < 0 or slot >= self._state.shape[0]:
             raise IndexError(f"slot {slot} is outside the state array")
         state = self._state
-        load = state[slot, QUEUE_DEPTH] + state[slot, INFLIGHT]
+        load = state[slot, QUEUE_DEPTH]
+        if state[slot, INFLIGHT] > load:  # the larger; a NaN queue depth stays NaN
+            load = state[slot, INFLIGHT]
         key = self._score(
             load / self._limit(slot),
             self._vram(slot),

@@ -24,7 +24,7 @@ DRAINING = 9  # 1 = cordoned: finishes its in-flight work but takes nothing new;
 SIGNAL_AT = 10  # time.monotonic() of the newest signal; NaN = never signalled (stale)
 MAX_AGE = 11  # seconds a signal stays fresh; older counts as saturated, not idle
 WEIGHT = 12  # traffic share: 1.0 normal, (0, 1) while re-entering after ejection, <= 0 ejected
-QUEUE_LIMIT = 13  # QUEUE_DEPTH + INFLIGHT at which the slot is saturated; <= 0 = config default
+QUEUE_LIMIT = 13  # load, max(QUEUE_DEPTH, INFLIGHT), at which the slot saturates; <= 0: default
 NFIELDS = 14
 
 # Scoring policies.

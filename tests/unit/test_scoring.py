@@ -67,7 +67,7 @@ def hybrid_scores(state: np.ndarray, config: Any) -> np.ndarray:
     total = state[:, S.VRAM_TOTAL]
     vram = np.divide(state[:, S.VRAM_USED], total, out=np.zeros(len(state)), where=total > 0)
     score = (
-        config.queue_weight * (state[:, S.QUEUE_DEPTH] + state[:, S.INFLIGHT]) / limit
+        config.queue_weight * np.maximum(state[:, S.QUEUE_DEPTH], state[:, S.INFLIGHT]) / limit
         + config.vram_weight * vram
         + config.kv_weight * np.nan_to_num(state[:, S.KV_FRACTION], nan=0.0)
         + config.ttft_weight * np.nan_to_num(state[:, S.TTFT_EWMA], nan=0.0) / config.ttft_scale
@@ -231,11 +231,19 @@ def test_stale_counts_as_saturated_not_idle(impl: ModuleType) -> None:
 
 
 def test_queue_limit_saturates(impl: ModuleType) -> None:
-    state = fleet(3, QUEUE_DEPTH=[3, 30, 5], INFLIGHT=[1, 2, 0], QUEUE_LIMIT=[4, 0, 0])
+    state = fleet(3, QUEUE_DEPTH=[4, 30, 5], INFLIGHT=[1, 32, 0], QUEUE_LIMIT=[4, 0, 0])
     scorer = scorer_for(impl, state, queue_saturation=32)
-    # slot 0 reaches its own limit (4), slot 1 the default (32)
+    # slot 0's Triton queue reaches its own limit (4), slot 1's in-flight the default (32)
     assert rank(scorer, [0, 1, 2], LQ) == [2]
     assert scorer.saturated == 2
+
+
+def test_queued_requests_of_the_gateway_are_not_counted_twice(impl: ModuleType) -> None:
+    # 31 requests in flight, 30 of them waiting in Triton's queue: a load of 31, not 61.
+    state = fleet(2, QUEUE_DEPTH=[30, 0], INFLIGHT=[31, 0])
+    scorer = scorer_for(impl, state, queue_saturation=32)
+    assert rank(scorer, [0, 1], LQ) == [1, 0]
+    assert scorer.saturated == 0
 
 
 def test_unavailable_slots_are_neither_eligible_nor_saturated(impl: ModuleType) -> None:
