@@ -105,6 +105,29 @@ class Reader:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return int(lines[0].split()[1]), headers, body
 
+    def chunked_response(self) -> tuple[int, dict[str, str], bytes]:
+        """A response with a chunked body, de-chunked."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        assert headers["transfer-encoding"] == "chunked", headers
+        body = b""
+        while True:
+            while b"\r\n" not in self.buffer:
+                self._more()
+            size_line, _, self.buffer = self.buffer.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(self.buffer) < size + 2:
+                self._more()
+            body, self.buffer = body + self.buffer[:size], self.buffer[size + 2 :]
+            if size == 0:
+                return int(lines[0].split()[1]), headers, body
+
     def _more(self) -> None:
         chunk = self.sock.recv(1 << 20)
         assert chunk, "connection closed"
@@ -256,3 +279,39 @@ def test_a_content_type_triton_chokes_on_neither_fails_nor_ejects(
         for _ in range(4):  # more than there are backends
             sock.sendall(labelled)
             assert reader.response()[::2] == (200, expected)
+
+
+def test_a_stream_is_the_same_on_both_fronts(gateway: Gateway) -> None:
+    """generate_stream relayed on the fast lane and served by aiohttp (after a hand-over)
+    carry the same events, token by token (a seeded generation), and the connection
+    stays usable after either."""
+    body = json.dumps(
+        {"text_input": "We hold these truths", "max_tokens": 12, "seed": 7, "stream": True}
+    ).encode()
+    raw = _request(
+        "POST", "/v2/models/tiny_lm/generate_stream", body, {"Content-Type": "application/json"}
+    )
+    answers = {}
+    for front in ("fast lane", "aiohttp"):
+        sock, reader = _connect(gateway.host_port)
+        with sock:
+            if front == "aiohttp":
+                sock.sendall(_request("GET", "/v2/models/tiny_lm"))  # hands the connection over
+                assert reader.response()[0] == 200
+            sock.sendall(raw)
+            status, headers, events = reader.chunked_response()
+            assert status == 200 and headers["content-type"].startswith("text/event-stream")
+            assert ("server" in headers) == (front == "aiohttp")
+            sock.sendall(_request("GET", "/v2/health/ready"))
+            assert reader.response()[0] == 200
+        answers[front] = [
+            json.loads(line[len(b"data: ") :])
+            for line in events.split(b"\n")
+            if line.startswith(b"data: ")
+        ]
+    assert len(answers["fast lane"]) == 12
+    assert [e["completion_tokens"] for e in answers["fast lane"]] == list(range(1, 13))
+    assert [e["text_output"] for e in answers["fast lane"]] == [
+        e["text_output"] for e in answers["aiohttp"]
+    ]
+    assert answers["fast lane"][-1]["finish_reason"] == "length"
