@@ -56,6 +56,8 @@ _HEADER_LINE = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*"
 )
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+# Response headers the front writes itself, from what it sends.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,8 +75,19 @@ class MatchInfo(dict[str, str]):
 class FrontRequest:
     """The part of aiohttp's ``web.Request`` the middlewares and hot handlers use."""
 
-    __slots__ = ("_body", "_keys", "app", "headers", "match_info", "method", "path", "raw_headers",
-                 "raw_path", "stream", "transport")
+    __slots__ = (
+        "_body",
+        "_keys",
+        "app",
+        "headers",
+        "match_info",
+        "method",
+        "path",
+        "raw_headers",
+        "raw_path",
+        "stream",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -133,11 +146,7 @@ class FrontStreamResponse(web.StreamResponse):
         self._transport = transport
 
     def send_head(self) -> None:
-        lines = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in self.headers.items():
-            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-        lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        self._transport.write(b"".join(lines))
+        self._transport.write(_head(self, b"Transfer-Encoding: chunked\r\n"))
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.write_chunk(data)
@@ -458,12 +467,18 @@ def _serialize(response: web.Response, close: bool) -> tuple[bytes, bytes | byte
         body = b""
     elif not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError(f"hot routes answer with bytes bodies, got {type(body).__name__}")
+    framing = b"Content-Length: %d\r\n" % len(body)
+    if close:
+        framing += b"Connection: close\r\n"
+    return _head(response, framing), bytes(body) if isinstance(body, memoryview) else body
+
+
+def _head(response: web.StreamResponse, framing: bytes) -> bytes:
+    """Status line and headers, the body's framing headers (``framing``) in place of
+    any the response carries, and the blank line."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b""))]
     for name, value in response.headers.items():
-        if name.lower() != "content-length":
+        if name.lower() not in _FRAMING_HEADERS:
             lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-    lines.append(b"Content-Length: %d\r\n" % len(body))
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines), bytes(body) if isinstance(body, memoryview) else body
+    lines += (framing, b"\r\n")
+    return b"".join(lines)

@@ -84,37 +84,23 @@ def _infer_request(body: bytes, header_length: int) -> bytes:
 
 
 class Reader:
-    """Reads HTTP/1.1 responses with Content-Length bodies off one socket."""
+    """Reads HTTP/1.1 responses (Content-Length or chunked bodies) off one socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buffer:
-            self._more()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers = self._head()
         length = int(headers["content-length"])
         while len(self.buffer) < length:
             self._more()
         body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(lines[0].split()[1]), headers, body
+        return status, headers, body
 
     def chunked_response(self) -> tuple[int, dict[str, str], bytes]:
         """A response with a chunked body, de-chunked."""
-        while b"\r\n\r\n" not in self.buffer:
-            self._more()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers = self._head()
         assert headers["transfer-encoding"] == "chunked", headers
         body = b""
         while True:
@@ -126,7 +112,19 @@ class Reader:
                 self._more()
             body, self.buffer = body + self.buffer[:size], self.buffer[size + 2 :]
             if size == 0:
-                return int(lines[0].split()[1]), headers, body
+                return status, headers, body
+
+    def _head(self) -> tuple[int, dict[str, str]]:
+        """The status and the headers (lower-case names) of the next response."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(lines[0].split()[1]), headers
 
     def _more(self) -> None:
         chunk = self.sock.recv(1 << 20)
