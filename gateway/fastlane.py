@@ -12,7 +12,7 @@ HTTP/1.1, a head within ``max_header_bytes``, a plain ``Content-Length`` body wi
 ``max_body_bytes`` (no Transfer-Encoding, Expect, Upgrade or Content-Encoding), a path
 without percent-escapes or dot segments. Any other request hands its connection, with
 the bytes read so far, to aiohttp's own protocol for the rest of the connection's life,
-so everything else (/v1, admin, metadata, errors about malformed requests) behaves
+so everything else (admin, metadata, errors about malformed requests) behaves
 exactly as aiohttp serves it.
 """
 
@@ -46,6 +46,8 @@ HOT_ROUTES = (
     ("POST", "/v2/models/{model}/versions/{version}/generate"),
     ("POST", "/v2/models/{model}/generate_stream"),
     ("POST", "/v2/models/{model}/versions/{version}/generate_stream"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
 )
 # A client's idle keep-alive connection is closed after this long (aiohttp's default).
 KEEPALIVE_TIMEOUT_S = 75.0
@@ -144,6 +146,7 @@ class FrontStreamResponse(web.StreamResponse):
     def __init__(self, transport: asyncio.Transport, headers: dict[str, str]) -> None:
         super().__init__(status=200, headers=headers)
         self._transport = transport
+        self._ended = False
 
     def send_head(self) -> None:
         self._transport.write(_head(self, b"Transfer-Encoding: chunked\r\n"))
@@ -157,6 +160,11 @@ class FrontStreamResponse(web.StreamResponse):
             self._transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
 
     async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+        """The last chunk; once only (a handler may end its stream itself, or return it
+        for the connection to end, as aiohttp does)."""
+        if self._ended:
+            return
+        self._ended = True
         await self.write(data)
         self._transport.write(b"0\r\n\r\n")
 
@@ -419,7 +427,9 @@ class FrontConnection(asyncio.Protocol):
             response = await handler(aiohttp_request)
             close = close or self._lane.draining
             if request.stream is not None:
-                if response is not request.stream:  # a failure after the stream began
+                if response is request.stream:
+                    await response.write_eof()
+                else:  # a failure after the stream began
                     close = True
                 payload: tuple[bytes, bytes | bytearray] = (b"", b"")
             else:

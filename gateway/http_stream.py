@@ -179,11 +179,16 @@ class SseStream(asyncio.Protocol):
 
     async def head(self) -> tuple[int, dict[bytes, bytes]]:
         """The reply's status and headers; StreamRefused (with the body) unless 200."""
-        while self._head is None or (self._length >= 0 and not self._finished):
+        while self._head is None or (
+            (self._length >= 0 or self._head[0] != 200) and not self._finished
+        ):
             await self._wait()
         status, headers = self._head
         if status != 200:
-            raise StreamRefused(status, bytes(self._buffer[: self._length]))
+            # Triton words a refusal as JSON, or (a chunked reply) as one error event.
+            if self._length >= 0:
+                raise StreamRefused(status, bytes(self._buffer[: self._length]))
+            raise StreamRefused(status, b"".join(self._events) + self._text)
         return status, headers
 
     async def next_event(self) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +23,6 @@ from fastpath.errors import FramingError
 from .config import ConfigError
 from .errors import BadRequest, UpstreamError
 from .fleet import ModelInfo
-from .kserve_codec import encode_generate
 from .tensors import raw_to_json
 
 TEXT_INPUT = "text_input"
@@ -45,16 +45,21 @@ class Sampling:
 class Profile(ABC):
     name: str
 
-    def encode(self, info: ModelInfo, sampling: Sampling, request_id: str) -> bytes:
-        """The gRPC ModelInferRequest bytes for ``sampling`` on this model version."""
+    def request(
+        self, info: ModelInfo, sampling: Sampling, request_id: str, stream: bool
+    ) -> dict[str, Any]:
+        """The generate-API body (fields named like inputs, the rest request parameters)
+        for ``sampling`` on this model version, as Triton's HTTP ``generate_stream``
+        takes it (``kserve_codec.encode_generate`` makes a gRPC request of it)."""
         fields = self._fields(info, sampling)
-        # Decoupled models are always asked to stream (one code path; stream: false is
-        # gathered by the gateway); others answer once and may refuse stream=true.
+        # A decoupled model streams only when the client does: asked to stream for a
+        # whole answer, it sends a response per token, each costing a round of work.
+        # Others answer once and may refuse stream=true.
         if "stream" in info.inputs:
-            fields["stream"] = info.decoupled
+            fields["stream"] = stream and info.decoupled
         if sampling.user is not None:
             fields["user"] = sampling.user  # not an input: becomes a request parameter
-        return encode_generate(info.name, info, {"id": request_id, **fields})
+        return {"id": request_id, **fields}
 
     @abstractmethod
     def _fields(self, info: ModelInfo, sampling: Sampling) -> dict[str, Any]:
@@ -185,23 +190,23 @@ class ReplyReader:
         self.completion_tokens: int | None = None
 
     def read(self, reply: Any) -> str:
-        """The new text in ``reply``; records its finish reason and counts."""
+        """The new text in ``reply`` (a decoded gRPC response, or the JSON payload of one
+        of Triton's HTTP events); records its finish reason and counts."""
+        outputs = _payload_outputs(reply) if isinstance(reply, dict) else _grpc_outputs(reply)
         text = ""
-        for (name, datatype, _shape, _params), raw in zip(
-            reply.outputs, reply.raw_outputs, strict=True
-        ):
+        for name, value in outputs:
             if name == TEXT_OUTPUT:
-                text = self._decoder.decode(_joined_bytes(name, datatype, raw))
+                text = self._decoder.decode(value)
             elif name == "finish_reason":
-                reason = _joined_bytes(name, datatype, raw).decode("utf-8", "replace")
+                reason = value.decode("utf-8", "replace")
                 if reason and reason != "None":
                     self.finish_reason = reason
             elif name in ("prompt_tokens", "num_input_tokens"):
-                self.prompt_tokens = _count(name, datatype, raw)
+                self.prompt_tokens = value
             elif name == "completion_tokens":
-                self.completion_tokens = _count(name, datatype, raw)
+                self.completion_tokens = value
             elif name == "num_output_tokens":
-                self.completion_tokens = (self.completion_tokens or 0) + _count(name, datatype, raw)
+                self.completion_tokens = (self.completion_tokens or 0) + value
         self._texts.append(text)
         return text
 
@@ -233,6 +238,36 @@ class ReplyReader:
         return "stop"
 
 
+# The outputs a reader understands: text (as bytes), and counts.
+_TEXT_OUTPUTS = frozenset({TEXT_OUTPUT, "finish_reason"})
+_COUNT_OUTPUTS = frozenset(
+    {"prompt_tokens", "num_input_tokens", "completion_tokens", "num_output_tokens"}
+)
+
+
+def _grpc_outputs(reply: Any) -> Iterator[tuple[str, Any]]:
+    for (name, datatype, _shape, _params), raw in zip(
+        reply.outputs, reply.raw_outputs, strict=True
+    ):
+        if name in _TEXT_OUTPUTS:
+            yield name, _joined_bytes(name, datatype, raw)
+        elif name in _COUNT_OUTPUTS:
+            yield name, _count(name, datatype, raw)
+
+
+def _payload_outputs(payload: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Triton's HTTP events give each output by name, one element unwrapped. Text may
+    hold surrogate escapes for bytes that are not UTF-8 (gateway/http_generate.py)."""
+    for name, value in payload.items():
+        if name in _TEXT_OUTPUTS:
+            parts = value if isinstance(value, list) else [value]
+            if not all(isinstance(part, str) for part in parts):
+                raise UpstreamError(f"model output '{name}' must be text, got {value!r}", 502)
+            yield name, "".join(parts).encode("utf-8", "surrogateescape")
+        elif name in _COUNT_OUTPUTS:
+            yield name, _one_integer(name, value if isinstance(value, list) else [value])
+
+
 def _joined_bytes(name: str, datatype: str, raw: memoryview) -> bytes:
     if datatype != "BYTES":
         raise UpstreamError(f"model output '{name}' must be BYTES, got {datatype}", 502)
@@ -243,7 +278,10 @@ def _joined_bytes(name: str, datatype: str, raw: memoryview) -> bytes:
 
 
 def _count(name: str, datatype: str, raw: memoryview) -> int:
-    values = raw_to_json(datatype, raw)
-    if len(values) != 1 or not isinstance(values[0], int):
+    return _one_integer(name, raw_to_json(datatype, raw))
+
+
+def _one_integer(name: str, values: list[Any]) -> int:
+    if len(values) != 1 or type(values[0]) is not int:
         raise UpstreamError(f"model output '{name}' must be one integer, got {values!r}", 502)
     return values[0]

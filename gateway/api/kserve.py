@@ -20,18 +20,15 @@ from .. import kserve_codec as codec
 from .. import sse
 from ..config import GatewayConfig
 from ..errors import (
-    TRITON_UNKNOWN_MODEL,
     BadRequest,
     GatewayError,
     GatewayTimeout,
     ModelGone,
     UpstreamError,
-    UpstreamStalled,
 )
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
-    Timeouts,
     admit,
     any_backend,
     check_max_tokens,
@@ -41,7 +38,14 @@ from ..forward import (
     stream_replies,
     with_failover,
 )
-from ..http_stream import SseStream, StreamRefused, open_sse_stream
+from ..http_generate import (
+    client_fault_status,
+    error_message,
+    event_payload,
+    generate_events,
+    relay,
+)
+from ..http_stream import SseStream
 from ..http_upstream import (
     FORWARDED_REPLY_HEADERS,
     FORWARDED_REQUEST_HEADERS,
@@ -180,8 +184,8 @@ async def infer(request: web.Request) -> web.Response:
             if reply.status == 404:  # the fleet knows the model: this backend lost it
                 raise ModelGone(reply.body.decode("utf-8", "replace"))
             if reply.status == 500:
-                message = _error_message(reply.body)
-                if _client_fault_status(500, message) == 400:
+                message = error_message(reply.body)
+                if client_fault_status(500, message) == 400:
                     raise BadRequest(message)
             return _passthrough(reply)
         if not grpc_call:
@@ -323,9 +327,9 @@ def _tokens_so_far(body: dict[str, Any], replies: int) -> int:
     return count if type(count) is int else replies
 
 
-# A streamed event as sent to the client, and the model's running completion_tokens
-# output when it has one (charged to the tenant as it streams).
-Event = tuple[bytes, Any]
+# A streamed event as sent to the client, and its payload: the model's running
+# completion_tokens output, when it has one, is charged to the tenant as it streams.
+Event = tuple[bytes, dict[str, Any]]
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -334,12 +338,16 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
 
-    http_streams: list[SseStream] = []  # the HTTP streams opened, the live one last
+    live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
     def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
+        live_http.clear()
         wire = gen.wire_for(backend)  # checks the request as gRPC would (Triton's HTTP: 500s)
         if backend.http is not None:
-            return _http_events(backend, request, raw, timeouts, deadline, lease, http_streams)
+            trace = lease.trail.metadata
+            return generate_events(
+                backend, request.raw_path, raw, trace, timeouts.idle, deadline, live_http
+            )
         return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
@@ -347,18 +355,16 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         lease.first_response()
         try:
             response = await sse.open_stream(request)
-            event, completion_tokens = first
-            lease.count_tokens(completion_tokens if type(completion_tokens) is int else 1)
+            event, payload = first
+            lease.count_tokens(_tokens_so_far(payload, 1))
             await response.write(event)
-            if http_streams and isinstance(response, FrontStreamResponse):
-                await _relay(http_streams[-1], response, lease)
+            if live_http and isinstance(response, FrontStreamResponse):
+                await _relay(live_http[0], response, lease)
             else:
                 replies = 1
-                async for event, completion_tokens in rest:
+                async for event, payload in rest:
                     replies += 1
-                    lease.count_tokens(
-                        completion_tokens if type(completion_tokens) is int else replies
-                    )
+                    lease.count_tokens(_tokens_so_far(payload, replies))
                     await response.write(event)
         except grpc.aio.AioRpcError as exc:
             # After the first byte nothing is replayed: the client is told, explicitly.
@@ -377,95 +383,28 @@ async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Eve
     try:
         async for reply in replies:
             body = codec.generate_response_json(reply)
-            yield sse_event(orjson.dumps(body)), body.get("completion_tokens")
+            yield sse_event(orjson.dumps(body)), body
     finally:
         await replies.aclose()
 
 
-async def _http_events(
-    backend: Backend,
-    request: web.Request,
-    raw: bytes,
-    timeouts: Timeouts,
-    deadline: float,
-    lease: Lease,
-    opened: list[SseStream],
-) -> AsyncGenerator[Event, None]:
-    """Triton's own events, as it sent them (see gateway/http_stream.py); the stream is
-    appended to ``opened`` (the fast lane relays the rest of it)."""
-    assert backend.http is not None
-    headers = [("Content-Type", _JSON), *lease.trail.metadata]
-    stream = await open_sse_stream(
-        backend.http.target, backend.id, request.raw_path, headers, raw, timeouts.idle, deadline
-    )
-    opened.append(stream)
-    try:
-        try:
-            await stream.head()
-        except StreamRefused as exc:
-            message = _error_message(exc.body)
-            if exc.status == 404:  # the fleet knows the model: this backend lost it
-                raise ModelGone(message) from None
-            raise UpstreamError(message, _client_fault_status(exc.status, message)) from None
-        while (event := await stream.next_event()) is not None:
-            yield event, _completion_tokens(event)
-    finally:
-        stream.close()
-
-
-def _completion_tokens(event: bytes) -> Any:
-    """The running completion_tokens of one of Triton's events; an error event raises."""
-    payload = codec.parse_json(event.partition(b"data:")[2], "event")
-    error = payload.get("error")
-    if isinstance(error, str):
-        if error.startswith(TRITON_UNKNOWN_MODEL):
-            raise ModelGone(error)
-        raise UpstreamError(error, 400)
-    return payload.get("completion_tokens")
-
-
 async def _relay(stream: SseStream, response: FrontStreamResponse, lease: Lease) -> None:
-    """The rest of an HTTP stream on the fast lane: each event written from the upstream
-    connection's callback as it arrives, no task woken per token. Triton's error event
-    is passed on as it is, and ends the stream."""
+    """The rest of an HTTP stream on the fast lane, each event passed on as it is.
+    Triton's error event is passed on too, and ends the stream."""
     replies = 1
 
     def on_event(event: bytes) -> None:
         nonlocal replies
         replies += 1
-        lease.token()
         response.write_chunk(event)
         # Parsed only when it matters: an anonymous request's token count is not charged.
         if not (lease.charges_tokens or b'"error"' in event):
             return
         try:
-            tokens = _completion_tokens(event)
+            payload = event_payload(event)
         except UpstreamError:
             stream.close()  # Triton ends the stream after an error; so does the relay
             return
-        lease.count_tokens(tokens if type(tokens) is int else replies)
+        lease.count_tokens(_tokens_so_far(payload, replies))
 
-    try:
-        await stream.relay(on_event)
-    except (UpstreamStalled, UpstreamConnectionError):
-        lease.backend_failed()
-        raise
-
-
-# How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true),
-# which it answers with 500 although the client is at fault.
-_TRITON_DATA_FAULT = "Unable to parse 'data'"
-
-
-def _client_fault_status(status: int, message: str) -> int:
-    """400 for what Triton answers 500 but is the client's fault, else ``status``."""
-    return 400 if status == 500 and message.startswith(_TRITON_DATA_FAULT) else status
-
-
-def _error_message(body: bytes | bytearray) -> str:
-    """The message of a Triton error body (``{"error": ...}``), or the body itself."""
-    try:
-        error = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        error = None
-    return error if isinstance(error, str) else body.decode("utf-8", "replace")
+    await relay(stream, lease, on_event)

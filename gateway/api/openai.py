@@ -1,17 +1,22 @@
 """The OpenAI API (/v1): chat completions, completions and models, served from the fleet.
 
-Every completion is one ModelStreamInfer call (``forward.open_stream``): ``stream: true``
-relays each Triton response as a chunk, ``stream: false`` gathers them into one answer.
+Every completion is one generate stream (``forward.open_stream``): Triton's HTTP
+``generate_stream`` where the backend's HTTP endpoint is known (gateway/http_generate.py),
+else gRPC ModelStreamInfer. ``stream: true`` relays each Triton response as a chunk (on
+the fast lane from the upstream connection's callback); ``stream: false`` asks the model
+for one answer and gathers whatever responses it sends.
 Request fields are mapped, ignored or refused as the README's "OpenAI API" section says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import orjson
@@ -23,9 +28,13 @@ from .. import kserve_codec as codec
 from .. import sse
 from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
 from ..config import GatewayConfig
-from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
+from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound, UpstreamError
+from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import admit, check_max_tokens, open_stream, request_timeouts, stream_replies
+from ..http_generate import event_payload, generate_events, relay
+from ..http_stream import SseStream
+from ..http_upstream import UpstreamConnectionError
 from ..metrics import NONE
 from ..openai_profiles import (
     ReplyReader,
@@ -281,11 +290,22 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     chunks = _Chunks(call, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
 
     timeouts = request_timeouts(request)
+    deadline = asyncio.get_running_loop().time() + timeouts.total
+    live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
     def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
+        live_http.clear()
         info = fleet.model_info(backend, call.model)
-        wire = profile_for(info, configured).encode(info, sampling, chunks.id)
-        return stream_replies(backend, wire, timeouts, lease.trail.metadata)
+        body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
+        trace = lease.trail.metadata
+        if backend.http is None:
+            wire = codec.encode_generate(info.name, info, body)
+            return stream_replies(backend, wire, timeouts, trace)
+        path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
+        events = generate_events(
+            backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
+        )
+        return _payloads(events)
 
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
         first, rest = await open_stream(lease, replies_for, timeouts.total)
@@ -293,7 +313,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         reader = _MeteredReader(lease)
         try:
             if call.stream:
-                return await _stream(request, chunks, sampling, reader, first, rest)
+                relayed = live_http[0] if live_http else None
+                return await _stream(request, chunks, sampling, reader, first, rest, lease, relayed)
             reader.read(first)
             await _read_all(rest, reader)
             reader.flush()
@@ -304,12 +325,23 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             await rest.aclose()
 
 
+async def _payloads(
+    events: AsyncGenerator[tuple[bytes, dict[str, Any]], None],
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The payloads of Triton's HTTP events, which ``ReplyReader`` reads."""
+    try:
+        async for _event, payload in events:
+            yield payload
+    finally:
+        await events.aclose()
+
+
 async def _read_all(replies: AsyncGenerator[Any, None], reader: ReplyReader) -> None:
     try:
         async for reply in replies:
             reader.read(reply)
-    except grpc.aio.AioRpcError as exc:
-        raise upstream_error(exc) from None
+    except (grpc.aio.AioRpcError, UpstreamConnectionError) as exc:
+        raise _upstream_failure(exc) from None
 
 
 async def _stream(
@@ -319,20 +351,25 @@ async def _stream(
     reader: ReplyReader,
     first: Any,
     rest: AsyncGenerator[Any, None],
+    lease: Lease,
+    live_http: SseStream | None,
 ) -> web.StreamResponse:
-    """Relay each response as a chunk. After the headers are sent an error can only be
-    told in-band: an ``error`` event, and no ``[DONE]``, so the client cannot take the
-    cut stream for a complete one."""
+    """Relay each response as a chunk: on the fast lane, an HTTP stream's chunks are
+    written from its connection's callback (gateway/http_generate.py). After the headers
+    are sent an error can only be told in-band: an ``error`` event, and no ``[DONE]``, so
+    the client cannot take the cut stream for a complete one."""
     response = await sse.open_stream(request)
     await sse.send_json(response, chunks.delta(reader.read(first), first=True))
     try:
-        async for reply in rest:
-            text = reader.read(reply)
-            if text:
-                await sse.send_json(response, chunks.delta(text))
-    except (grpc.aio.AioRpcError, GatewayError) as exc:
-        error = upstream_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
-        await response.write(sse_event(error.openai_body(), b"error"))
+        if live_http is not None and isinstance(response, FrontStreamResponse):
+            await _relay(live_http, response, chunks, reader, lease)
+        else:
+            async for reply in rest:
+                text = reader.read(reply)
+                if text:
+                    await sse.send_json(response, chunks.delta(text))
+    except (grpc.aio.AioRpcError, GatewayError, UpstreamConnectionError) as exc:
+        await response.write(sse_event(_upstream_failure(exc).openai_body(), b"error"))
         return response
     tail = reader.flush()
     if tail:
@@ -343,6 +380,42 @@ async def _stream(
         await sse.send_json(response, chunks.usage(usage))
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+def _upstream_failure(exc: Exception) -> GatewayError:
+    """The gateway's error for a failure of the upstream call once it has answered."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return upstream_error(exc)
+    if isinstance(exc, UpstreamConnectionError):
+        return UpstreamError(f"the backend's stream broke: {exc}", 502)
+    assert isinstance(exc, GatewayError)
+    return exc
+
+
+async def _relay(
+    stream: SseStream,
+    response: FrontStreamResponse,
+    chunks: _Chunks,
+    reader: ReplyReader,
+    lease: Lease,
+) -> None:
+    """The rest of an HTTP stream on the fast lane, each event's text written as a chunk
+    from the upstream connection's callback. An error event ends the stream and raises."""
+    errors: list[GatewayError] = []
+
+    def on_event(event: bytes) -> None:
+        try:
+            text = reader.read(event_payload(event))
+        except GatewayError as exc:
+            errors.append(exc)
+            stream.close()  # Triton ends the stream after an error; so does the relay
+            return
+        if text:
+            response.write_chunk(sse_event(orjson.dumps(chunks.delta(text))))
+
+    await relay(stream, lease, on_event)
+    if errors:
+        raise errors[0]
 
 
 class _MeteredReader(ReplyReader):

@@ -68,6 +68,17 @@ async def test_generate_matches_stream_concatenation(gateway: Gateway) -> None:
     assert whole["text_output"] == "".join(e["text_output"] for _, e in events)
 
 
+async def test_generate_stream_refused_by_the_model_keeps_its_message(gateway: Gateway) -> None:
+    # tiny_lm refuses top_p=0 before any text; Triton answers 400 with a chunked error
+    # event, which the gateway must read whole rather than as a body of fixed length.
+    body = {"text_input": "We hold", "top_p": 0.0}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.url + "/v2/models/tiny_lm/generate_stream", json=body) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+    assert error.startswith("top_p must be in (0, 1]"), error
+
+
 async def test_binary_and_json_infer_equal_numpy_reference(gateway: Gateway) -> None:
     x = np.random.default_rng(7).standard_normal((3, 384)).astype(np.float32)
     expected = embed_reference(x)

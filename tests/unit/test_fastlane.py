@@ -83,6 +83,8 @@ def _routes() -> HotRoutes:
         ),
         ("GET", "/v2/models/m/ready", "/v2/models/{model}/ready", {"model": "m"}),
         ("GET", "/v2/health/ready", "/v2/health/ready", {}),
+        ("POST", "/v1/chat/completions", "/v1/chat/completions", {}),
+        ("POST", "/v1/completions", "/v1/completions", {}),
     ],
 )
 def test_hot_routes_match_with_their_variables(
@@ -104,7 +106,8 @@ def test_hot_routes_match_with_their_variables(
         ("POST", "/v2/models//infer"),  # empty variable
         ("GET", "/v2/models/m"),
         ("GET", "/v2/models/m/config"),
-        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/chat/completions"),
         ("GET", "/v2/health/ready/x"),
         ("POST", "/v2/modelz/m/infer"),
     ],

@@ -20,6 +20,7 @@ from gateway.config import ConfigError
 from gateway.errors import (
     BadRequest,
     GatewayError,
+    ModelGone,
     ModelNotFound,
     NotFound,
     Overloaded,
@@ -28,6 +29,8 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.fleet import InputSpec, ModelInfo
+from gateway.http_generate import event_payload
+from gateway.kserve_codec import encode_generate
 from gateway.openai_profiles import (
     PROFILES,
     ReplyReader,
@@ -73,6 +76,15 @@ VLLM_MODEL = model(
 )
 
 
+def encode(
+    profile: str, info: ModelInfo, sampling: Sampling, request_id: str = "id", stream: bool = True
+) -> bytes:
+    """The gRPC request the gateway sends for ``sampling`` (the HTTP one is its JSON)."""
+    return encode_generate(
+        info.name, info, PROFILES[profile].request(info, sampling, request_id, stream)
+    )
+
+
 def decode(wire: bytes) -> tuple[pb.ModelInferRequest, dict[str, Any]]:
     """The request and its inputs as Python values, decoded with Triton's own protobuf."""
     request = pb.ModelInferRequest.FromString(wire)
@@ -116,7 +128,7 @@ def test_unknown_configured_profile_is_a_config_error() -> None:
 
 def test_triton_llm_maps_every_parameter_to_its_tensor() -> None:
     sampling = Sampling("hi there", 7, 0.5, 0.9, 42, ("a", "b c"), user="alice")
-    request, values = decode(PROFILES["triton-llm"].encode(TINY_LM, sampling, "cmpl-1"))
+    request, values = decode(encode("triton-llm", TINY_LM, sampling, "cmpl-1"))
     assert request.model_name == "m" and request.id == "cmpl-1"
     assert values == {
         "text_input": "hi there",
@@ -131,38 +143,58 @@ def test_triton_llm_maps_every_parameter_to_its_tensor() -> None:
 
 
 def test_triton_llm_leaves_unset_parameters_to_the_model() -> None:
-    _, values = decode(PROFILES["triton-llm"].encode(TINY_LM, Sampling("x"), "id"))
+    _, values = decode(encode("triton-llm", TINY_LM, Sampling("x")))
     assert values == {"text_input": "x", "stream": True}
+
+
+def test_decoupled_model_streams_only_when_the_client_does() -> None:
+    # Asked to stream for a whole answer, tiny_lm would send a response per token.
+    _, values = decode(encode("triton-llm", TINY_LM, Sampling("x"), stream=False))
+    assert values["stream"] is False
+
+
+def test_http_request_is_the_generate_json_of_the_same_fields() -> None:
+    sampling = Sampling("hi", 7, seed=42, stop=("a",), user="alice")
+    body = PROFILES["triton-llm"].request(TINY_LM, sampling, "cmpl-1", True)
+    assert body == {
+        "id": "cmpl-1",
+        "text_input": "hi",
+        "max_tokens": 7,
+        "seed": 42,
+        "stop_words": ["a"],
+        "stream": True,
+        "user": "alice",  # not an input: Triton's generate takes it as a parameter
+    }
 
 
 def test_non_decoupled_model_is_not_asked_to_stream() -> None:
     info = model({"text_input": "BYTES", "stream": "BOOL"}, decoupled=False)
-    _, values = decode(PROFILES["triton-llm"].encode(info, Sampling("x"), "id"))
+    _, values = decode(encode("triton-llm", info, Sampling("x")))
     assert values["stream"] is False
 
 
 def test_triton_llm_uses_tensorrt_llm_random_seed_name() -> None:
     info = model({"text_input": "BYTES", "random_seed": "UINT64"})
-    _, values = decode(PROFILES["triton-llm"].encode(info, Sampling("x", seed=5), "id"))
+    _, values = decode(encode("triton-llm", info, Sampling("x", seed=5)))
     assert values["random_seed"] == 5
 
 
 def test_parameter_without_an_input_is_refused_with_its_name() -> None:
     info = model({"text_input": "BYTES"})
     with pytest.raises(BadRequest, match="no input for 'temperature'") as caught:
-        PROFILES["triton-llm"].encode(info, Sampling("x", temperature=1.0), "id")
+        encode("triton-llm", info, Sampling("x", temperature=1.0))
     assert caught.value.param == "temperature"
 
 
 def test_batching_model_gets_a_batch_dimension() -> None:
     info = model({"text_input": "BYTES", "max_tokens": "INT32"}, max_batch_size=8)
-    request, _ = decode(PROFILES["triton-llm"].encode(info, Sampling("x", 3), "id"))
+    request, _ = decode(encode("triton-llm", info, Sampling("x", 3)))
     assert [list(t.shape) for t in request.inputs] == [[1, 1], [1, 1]]
 
 
 def test_vllm_sends_sampling_parameters_as_json_and_asks_for_counts() -> None:
     sampling = Sampling("p", max_tokens=9, temperature=0.0, seed=3, stop=("x",))
-    _, values = decode(PROFILES["vllm"].encode(VLLM_MODEL, sampling, "id"))
+    _, values = decode(encode("vllm", VLLM_MODEL, sampling))
     params = json.loads(values.pop("sampling_parameters"))
     assert params == {"max_tokens": 9, "temperature": 0.0, "seed": 3, "stop": ["x"]}
     assert values == {
@@ -233,6 +265,35 @@ def test_utf8_character_split_across_responses() -> None:
     assert reader.text == "é✓"
 
 
+def event(data: bytes) -> dict[str, Any]:
+    """The payload of one of Triton's HTTP events whose JSON is ``data``."""
+    return event_payload(b"data: " + data + b"\n\n")
+
+
+def test_http_events_are_read_like_grpc_responses() -> None:
+    reader = ReplyReader()
+    first = b'{"completion_tokens":1,"finish_reason":"","model_name":"tiny_lm",'
+    first += b'"prompt_tokens":2,"text_output":" He"}'
+    assert reader.read(event(first)) == " He"
+    last = b'{"completion_tokens":2,"finish_reason":"length","prompt_tokens":2,'
+    last += rb'"text_output":["\u00e9"," it"]}'
+    assert reader.read(event(last)) == "é it"
+    usage = reader.usage("ignored because the model counted")
+    assert (reader.text, usage.prompt_tokens, usage.completion_tokens) == (" Heé it", 2, 2)
+    assert reader.finish_reason == "length"
+
+
+def test_utf8_character_split_across_http_events() -> None:
+    # Triton writes a BYTES output's raw bytes into its JSON, valid UTF-8 or not.
+    reader = ReplyReader()
+    encoded = "é✓".encode()
+    assert reader.read(event(b'{"text_output":"' + encoded[:1] + b'"}')) == ""
+    assert reader.read(event(b'{"text_output":"' + encoded[1:4] + b'"}')) == "é"
+    assert reader.read(event(b'{"text_output":"' + encoded[4:] + b'"}')) == "✓"
+    assert reader.flush() == ""
+    assert reader.text == "é✓"
+
+
 def test_without_counts_or_reason_the_word_rule_applies() -> None:
     reader = ReplyReader()
     reader.read(reply(text_output=" one two"))
@@ -257,6 +318,32 @@ def test_malformed_model_outputs_are_upstream_errors() -> None:
     truncated.raw_outputs.append(memoryview(b"\x09\0\0\0ab"))
     with pytest.raises(UpstreamError):
         ReplyReader().read(truncated)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"text_output":5}', "must be text"),
+        (b'{"text_output":["a",1]}', "must be text"),
+        (b'{"completion_tokens":"3"}', "must be one integer"),
+        (b'{"prompt_tokens":[1,2]}', "must be one integer"),
+        (b'{"num_output_tokens":true}', "must be one integer"),
+        (b"[1]", "malformed event"),
+        (b'{"text_output":"a"', "malformed event"),
+    ],
+)
+def test_malformed_http_events_are_upstream_errors(data: bytes, message: str) -> None:
+    with pytest.raises(UpstreamError, match=message) as caught:
+        ReplyReader().read(event(data))
+    assert caught.value.status == 502
+
+
+def test_error_events_raise_their_message() -> None:
+    with pytest.raises(UpstreamError, match=r"^top_p must be") as caught:
+        event(b'{"error":"top_p must be in (0, 1]"}')
+    assert caught.value.status == 400 and not isinstance(caught.value, ModelGone)
+    with pytest.raises(ModelGone):
+        event(b'{"error":"Request for unknown model: \'x\' is not found"}')
 
 
 # -- errors as the openai client sees them ---------------------------------------------

@@ -1,0 +1,120 @@
+"""Triton's ``generate_stream`` over HTTP, for every API surface that streams a model's
+responses (``/v2 ... /generate_stream`` and ``/v1``): open a stream on one backend,
+read its events, and relay the rest of it on the fast lane.
+
+A refusal before the first event becomes the gateway's error (404: this backend lost
+the model, so failover may try another); an error event in the stream raises when its
+payload is read. See gateway/http_stream.py for the transport itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from .errors import TRITON_UNKNOWN_MODEL, ModelGone, UpstreamError, UpstreamStalled
+from .fleet import Backend
+from .http_stream import SseStream, StreamRefused, open_sse_stream
+from .http_upstream import UpstreamConnectionError
+from .router import Lease
+
+_JSON = "application/json"
+
+# How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true),
+# which it answers with 500 although the client is at fault.
+_TRITON_DATA_FAULT = "Unable to parse 'data'"
+
+
+def client_fault_status(status: int, message: str) -> int:
+    """400 for what Triton answers 500 but is the client's fault, else ``status``."""
+    return 400 if status == 500 and message.startswith(_TRITON_DATA_FAULT) else status
+
+
+def error_message(body: bytes | bytearray) -> str:
+    """The message of a Triton error body (``{"error": ...}``, bare or as an event), or
+    the body itself."""
+    try:
+        error = orjson.loads(body.removeprefix(b"data:")).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    return error if isinstance(error, str) else body.decode("utf-8", "replace")
+
+
+async def generate_events(
+    backend: Backend,
+    path: str,
+    body: bytes,
+    trace: Sequence[tuple[str, str]],
+    idle: float,
+    deadline: float,
+    opened: list[SseStream],
+) -> AsyncGenerator[tuple[bytes, dict[str, Any]], None]:
+    """Triton's events for ``body`` POSTed to ``path`` on ``backend``'s HTTP endpoint:
+    each as it sent it, and its payload (an error event raises). The stream is appended
+    to ``opened`` (the fast lane relays the rest of it); closing the generator closes
+    the stream, and Triton cancels."""
+    assert backend.http is not None
+    headers = [("Content-Type", _JSON), *trace]
+    stream = await open_sse_stream(
+        backend.http.target, backend.id, path, headers, body, idle, deadline
+    )
+    opened.append(stream)
+    try:
+        try:
+            await stream.head()
+        except StreamRefused as exc:
+            message = error_message(exc.body)
+            if exc.status == 404:  # the fleet knows the model: this backend lost it
+                raise ModelGone(message) from None
+            raise UpstreamError(message, client_fault_status(exc.status, message)) from None
+        while (event := await stream.next_event()) is not None:
+            yield event, event_payload(event)
+    finally:
+        stream.close()
+
+
+def event_payload(event: bytes) -> dict[str, Any]:
+    """The JSON object of one of Triton's events; an error event raises."""
+    payload = _parse_event(event.partition(b"data:")[2])
+    error = payload.get("error")
+    if isinstance(error, str):
+        if error.startswith(TRITON_UNKNOWN_MODEL):
+            raise ModelGone(error)
+        raise UpstreamError(error, 400)
+    return payload
+
+
+def _parse_event(data: bytes) -> dict[str, Any]:
+    try:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            # Triton writes a BYTES output into its JSON as raw bytes, so a character
+            # split across two responses is invalid UTF-8 here: such text is kept as
+            # surrogate escapes (which orjson refuses), for the reader's incremental
+            # decoder to put back together.
+            payload = json.loads(data.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise UpstreamError(f"malformed event from Triton: {bytes(data[:200])!r}", 502)
+    return payload
+
+
+async def relay(stream: SseStream, lease: Lease, on_event: Callable[[bytes], None]) -> None:
+    """The rest of ``stream`` on the fast lane: each event handed to ``on_event`` from
+    the upstream connection's callback, no task woken per token. A stall or a broken
+    connection counts against the backend, as forward.open_stream's rest does."""
+
+    def each(event: bytes) -> None:
+        lease.token()
+        on_event(event)
+
+    try:
+        await stream.relay(each)
+    except (UpstreamStalled, UpstreamConnectionError):
+        lease.backend_failed()
+        raise
