@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -239,33 +238,44 @@ class ReplyReader:
 
 
 # The outputs a reader understands: text (as bytes), and counts.
-_TEXT_OUTPUTS = frozenset({TEXT_OUTPUT, "finish_reason"})
-_COUNT_OUTPUTS = frozenset(
-    {"prompt_tokens", "num_input_tokens", "completion_tokens", "num_output_tokens"}
-)
+_TEXT_OUTPUTS = (TEXT_OUTPUT, "finish_reason")
+_COUNT_OUTPUTS = ("prompt_tokens", "num_input_tokens", "completion_tokens", "num_output_tokens")
 
 
-def _grpc_outputs(reply: Any) -> Iterator[tuple[str, Any]]:
+def _grpc_outputs(reply: Any) -> list[tuple[str, Any]]:
+    outputs: list[tuple[str, Any]] = []
     for (name, datatype, _shape, _params), raw in zip(
         reply.outputs, reply.raw_outputs, strict=True
     ):
         if name in _TEXT_OUTPUTS:
-            yield name, _joined_bytes(name, datatype, raw)
+            outputs.append((name, _joined_bytes(name, datatype, raw)))
         elif name in _COUNT_OUTPUTS:
-            yield name, _count(name, datatype, raw)
+            outputs.append((name, _count(name, datatype, raw)))
+    return outputs
 
 
-def _payload_outputs(payload: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def _payload_outputs(payload: dict[str, Any]) -> list[tuple[str, Any]]:
     """Triton's HTTP events give each output by name, one element unwrapped. Text may
-    hold surrogate escapes for bytes that are not UTF-8 (gateway/http_generate.py)."""
-    for name, value in payload.items():
-        if name in _TEXT_OUTPUTS:
-            parts = value if isinstance(value, list) else [value]
-            if not all(isinstance(part, str) for part in parts):
-                raise UpstreamError(f"model output '{name}' must be text, got {value!r}", 502)
-            yield name, "".join(parts).encode("utf-8", "surrogateescape")
-        elif name in _COUNT_OUTPUTS:
-            yield name, _one_integer(name, value if isinstance(value, list) else [value])
+    hold surrogate escapes for bytes that are not UTF-8 (gateway/http_generate.py).
+    Looked up by name: an event has more fields than outputs (model_name, id)."""
+    outputs: list[tuple[str, Any]] = []
+    for name in _TEXT_OUTPUTS:
+        value = payload.get(name)
+        if value is not None:
+            text = value if type(value) is str else _joined_text(name, value)
+            outputs.append((name, text.encode("utf-8", "surrogateescape")))
+    for name in _COUNT_OUTPUTS:
+        value = payload.get(name)
+        if value is not None:
+            count = value if type(value) is int else _one_integer(name, value)
+            outputs.append((name, count))
+    return outputs
+
+
+def _joined_text(name: str, value: Any) -> str:
+    if not (isinstance(value, list) and all(type(part) is str for part in value)):
+        raise UpstreamError(f"model output '{name}' must be text, got {value!r}", 502)
+    return "".join(value)
 
 
 def _joined_bytes(name: str, datatype: str, raw: memoryview) -> bytes:
@@ -281,7 +291,9 @@ def _count(name: str, datatype: str, raw: memoryview) -> int:
     return _one_integer(name, raw_to_json(datatype, raw))
 
 
-def _one_integer(name: str, values: list[Any]) -> int:
-    if len(values) != 1 or type(values[0]) is not int:
+def _one_integer(name: str, values: Any) -> int:
+    """The integer of a one-element list."""
+    if not (isinstance(values, list) and len(values) == 1 and type(values[0]) is int):
         raise UpstreamError(f"model output '{name}' must be one integer, got {values!r}", 502)
-    return values[0]
+    result: int = values[0]
+    return result

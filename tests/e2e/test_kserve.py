@@ -294,6 +294,14 @@ def _bad_cases() -> list[tuple[str, str, dict[str, str], bytes, int]]:
             400,
         ),
         (
+            # Triton's own /generate answers this with 200 and an error body.
+            "generate that streams",
+            "/v2/models/tiny_lm/generate",
+            json_ct,
+            b'{"text_input": "hi", "max_tokens": 3, "stream": true}',
+            400,
+        ),
+        (
             "generate wrong type",
             "/v2/models/tiny_lm/generate",
             json_ct,
