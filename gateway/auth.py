@@ -61,6 +61,8 @@ class Tenants:
                 self._by_digest[digest] = (tenant, digest)
         self._probe_token = probe_token.encode() if probe_token else None
         self.limiter = TenantLimiter([spec.limits for spec in specs])
+        # An anonymous claim holds nothing (its methods do nothing): one serves all.
+        self._anonymous = TenantClaim(self.limiter, ANONYMOUS)
 
     def identify(self, request: web.Request) -> int:
         """The tenant whose key the request presents, ANONYMOUS on probe routes and when
@@ -85,7 +87,7 @@ class Tenants:
     def claim(self, tenant: int) -> TenantClaim:
         """Admit one request of ``tenant`` against its limits, or raise 429."""
         if tenant == ANONYMOUS:
-            return TenantClaim(self.limiter, ANONYMOUS)
+            return self._anonymous
         code = self.limiter.admit(tenant, time.monotonic())
         if code != ADMIT:
             reason = TENANT_REASON_NAMES[code]

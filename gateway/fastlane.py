@@ -97,6 +97,7 @@ class FrontRequest:
         method: str,
         raw_path: str,
         raw_headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[str, str]],
         match_info: MatchInfo,
         body: bytes | bytearray | memoryview,
         transport: asyncio.Transport,
@@ -108,11 +109,7 @@ class FrontRequest:
         self.raw_path = raw_path
         self.path = raw_path.partition("?")[0]
         self.raw_headers = raw_headers
-        # aiohttp decodes header bytes as UTF-8 with surrogateescape; so does this.
-        self.headers = CIMultiDict(
-            (name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
-            for name, value in raw_headers
-        )
+        self.headers = CIMultiDict(headers)
         self.match_info = match_info
         self._body = body
         self._keys: dict[Any, Any] = {}
@@ -219,7 +216,7 @@ def _with_middlewares(handler: Handler, middlewares: Any) -> Handler:
 
 def _bind(middleware: Any, inner: Handler) -> Handler:
     def call(request: web.Request) -> Awaitable[web.StreamResponse]:
-        return cast(Awaitable[web.StreamResponse], middleware(request, inner))
+        return middleware(request, inner)
 
     return call
 
@@ -227,12 +224,19 @@ def _bind(middleware: Any, inner: Handler) -> Handler:
 class Head:
     """A parsed request head that this front may serve."""
 
-    __slots__ = ("close", "content_length", "method", "raw_headers", "target")
+    __slots__ = ("close", "content_length", "headers", "method", "raw_headers", "target")
 
-    def __init__(self, method: str, target: str, raw_headers: list[tuple[bytes, bytes]]):
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[str, str]],
+    ):
         self.method = method
         self.target = target
         self.raw_headers = raw_headers
+        self.headers = headers  # raw_headers decoded
         self.content_length = 0
         self.close = False
 
@@ -247,6 +251,7 @@ def parse_head(head: bytes | bytearray) -> Head | None:
     if not target.startswith(b"/") or b"%" in target or b"/." in target or b"//" in target:
         return None
     raw_headers = []
+    headers = []
     content_length: bytes | None = None
     close = False
     for line in lines[1:]:
@@ -254,7 +259,8 @@ def parse_head(head: bytes | bytearray) -> Head | None:
         if match is None:
             return None
         name, value = match.groups()
-        lower = name.lower().decode("ascii")
+        text = name.decode("ascii")
+        lower = text.lower()
         if lower in _HAND_OVER_HEADERS:
             return None
         if lower == "content-length":
@@ -267,7 +273,9 @@ def parse_head(head: bytes | bytearray) -> Head | None:
                 return None
             close = connection == b"close"
         raw_headers.append((name, value))
-    parsed = Head(parts[0].decode("ascii"), target.decode("ascii"), raw_headers)
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape; so does this.
+        headers.append((text, value.decode("utf-8", "surrogateescape")))
+    parsed = Head(parts[0].decode("ascii"), target.decode("ascii"), raw_headers, headers)
     if content_length is not None:
         parsed.content_length = int(content_length)
     parsed.close = close
@@ -285,6 +293,9 @@ class FastLane:
         self.max_head_bytes = config.max_header_bytes
         self.max_body_bytes = config.max_body_bytes
         self.fallback = fallback  # aiohttp's protocol, for the connections handed over
+        # The app is frozen by now: its on_response_prepare callbacks, called in turn as
+        # its Signal.send would, without that coroutine per response.
+        self.on_response_prepare = tuple(app.on_response_prepare)
         self.connections: set[FrontConnection] = set()
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -412,6 +423,7 @@ class FrontConnection(asyncio.Protocol):
             head.method,
             head.target,
             head.raw_headers,
+            head.headers,
             match_info,
             body,
             self._transport,
@@ -433,7 +445,8 @@ class FrontConnection(asyncio.Protocol):
                     close = True
                 payload: tuple[bytes, bytes | bytearray] = (b"", b"")
             else:
-                await self._lane.app.on_response_prepare.send(aiohttp_request, response)
+                for on_prepare in self._lane.on_response_prepare:
+                    await on_prepare(aiohttp_request, response)
                 payload = _serialize(cast(web.Response, response), close)
         except Exception:
             # json_errors answers every failure; reaching here is a bug in this module.

@@ -25,11 +25,20 @@ REQUEST_LOGGER = "meshgate.request"
 FLUSH_INTERVAL_S = 0.05
 
 
+# (second, its "%Y-%m-%dT%H:%M:%S" text): formatting a time costs a few µs, which every
+# request line paid; one formatting per second is enough. Replaced as a whole, so any
+# thread may read it.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created * 1000) % 1000:03d}Z"
-    )
+    global _last_second
+    second, text = _last_second
+    if int(created) != second:
+        second = int(created)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int(created * 1000) % 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -93,6 +102,10 @@ class _LineHandler(logging.Handler):
         self._writer.append(self.format(record).encode() + b"\n")
 
 
+# The request line's levels (what logging.getLevelName says, without its lookups).
+_LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
+
+
 class RequestLog:
     """The per-request line: one orjson call on the loop, no LogRecord."""
 
@@ -101,6 +114,7 @@ class RequestLog:
         self.writer: LineWriter | None = None  # set by setup_logging
 
     def write(self, level: int, fields: dict[str, Any]) -> None:
+        """One request's line at ``level``, DEBUG or INFO."""
         if not self._logger.isEnabledFor(level):
             return
         if self.writer is None:  # logging was not set up (in-process use): the usual way
@@ -108,7 +122,7 @@ class RequestLog:
             return
         line = {
             "ts": _timestamp(time.time()),
-            "level": logging.getLevelName(level),
+            "level": _LEVEL_NAMES[level],
             "logger": REQUEST_LOGGER,
             "msg": "request",
             **fields,

@@ -1,9 +1,11 @@
 """Prometheus metrics of the gateway, served at ``GET /metrics``.
 
 Per-request series are prometheus-client counters and histograms, measured cheaper
-than OpenTelemetry's metrics SDK here (README, "Observability"). Their children are
-looked up once per label tuple and kept, so a request costs dictionary hits, not
-``labels()`` calls. Per-backend gauges are read from the fleet state at scrape time.
+than OpenTelemetry's metrics SDK here (README, "Observability"); the histograms are
+``FastHistogram``s, which expose exactly what prometheus-client's ``Histogram`` does for
+a fraction of its cost per observation. Children are looked up once per label tuple
+and kept, so a request costs dictionary hits, not ``labels()`` calls. Per-backend
+gauges are read from the fleet state at scrape time.
 
 Labels are bounded: ``model`` is a model the fleet has seen (else ``-``), ``backend``
 a configured backend id, ``policy`` a policy name, ``tenant`` is ``-`` until tenants
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import _use_created  # PROMETHEUS_DISABLE_CREATED_SERIES
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from fastpath import state as S
 from fastpath.scoring import Scorer
@@ -39,6 +44,73 @@ _OVERHEAD_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 
 _SCORING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
 # Loop lag has ~1 ms resolution; 50 ms is the stall budget of the gateway's target.
 _LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+class FastHistogram(Collector):
+    """A histogram family exposed exactly as prometheus-client's ``Histogram`` (same
+    samples, labels, ``le`` strings, ``_count``, ``_sum`` and ``_created``, in the same
+    order), observed with a bisect and two additions: measured here, 0.14 µs against
+    0.8 µs for prometheus-client's child (a lock, two value objects), four times per
+    request. Observed and collected on the event loop only, so it takes no lock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.upper_bounds = (*(float(b) for b in buckets), math.inf)
+        self._le = [floatToGoString(bound) for bound in self.upper_bounds]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        if not self.labelnames:  # as prometheus-client: exposed from the start
+            self._children[()] = HistogramChild(self.upper_bounds)
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramChild(self.upper_bounds)
+        return child
+
+    def observe(self, value: float) -> None:
+        """An observation of the family without labels."""
+        self._children[()].observe(value)
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, "histogram")
+        for values, child in self._children.items():
+            labels = dict(zip(self.labelnames, values, strict=True))
+            total = 0.0
+            for le, count in zip(self._le, child.counts, strict=True):
+                total += count
+                metric.add_sample(self.name + "_bucket", {**labels, "le": le}, total)
+            metric.add_sample(self.name + "_count", labels, total)
+            metric.add_sample(self.name + "_sum", labels, child.sum)
+            if _use_created:
+                metric.add_sample(self.name + "_created", labels, child.created)
+        yield metric
+
+
+class HistogramChild:
+    """One label tuple's buckets (not cumulative: ``collect`` adds them up) and sum."""
+
+    __slots__ = ("counts", "created", "sum", "upper_bounds")
+
+    def __init__(self, upper_bounds: tuple[float, ...]) -> None:
+        self.upper_bounds = upper_bounds
+        self.counts = [0.0] * len(upper_bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose bound is >= value (the last bound is +Inf).
+        self.counts[bisect_left(self.upper_bounds, value)] += 1.0
+        self.sum += value
 
 
 class Series:
@@ -75,33 +147,33 @@ class Metrics:
             " backend is the one that failed.",
             SERIES, registry=r,
         )  # fmt: skip
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "meshgate_request_duration_seconds", "End-to-end latency of inference requests.",
             SERIES, buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "meshgate_gateway_overhead_seconds",
             "End-to-end latency minus the upstream window (first attempt to last response).",
             SERIES, buckets=_OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
-        self.ttft = Histogram(
+        self.ttft = FastHistogram(
             "meshgate_time_to_first_token_seconds",
             "From request arrival to the first upstream response.",
             SERIES, buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.inter_token = Histogram(
+        self.inter_token = FastHistogram(
             "meshgate_inter_token_seconds", "Gaps between consecutive streamed responses.",
             SERIES, buckets=_TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
-        self.scoring = Histogram(
+        self.scoring = FastHistogram(
             "meshgate_scoring_seconds", "Time to rank the candidates and decide admission.",
             ("policy",), buckets=_SCORING_BUCKETS, registry=r,
         )  # fmt: skip
-        self.loop_lag = Histogram(
+        self.loop_lag = FastHistogram(
             "meshgate_event_loop_lag_seconds",
             "How late the event loop woke a task whose timer was due (gateway/loop_lag.py):"
             " what every request on this process waited behind whatever held the loop.",
-            buckets=_LOOP_LAG_BUCKETS, registry=r,
+            (), buckets=_LOOP_LAG_BUCKETS, registry=r,
         )  # fmt: skip
         self.loop_lag_max = MaxSinceScrape(
             "meshgate_event_loop_lag_max_seconds",
@@ -112,7 +184,7 @@ class Metrics:
         self._series: dict[tuple[str, str, str, str], Series] = {}
         self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
         self._refusals: dict[tuple[str, str, str, str], Counter] = {}
-        self._scoring: dict[str, Histogram] = {}
+        self._scoring: dict[str, HistogramChild] = {}
 
     def model_label(self, model: str | None) -> str:
         """``model`` if the fleet has seen it; a client's made-up name must not become a series."""

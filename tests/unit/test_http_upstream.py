@@ -107,3 +107,20 @@ async def test_timeout_discards_the_connection(server: tuple[EchoServer, str]) -
     assert (await pool.post("/p", [], b"next", 5)).body == b"next"
     assert echo.connections == 2
     pool.close()
+
+
+async def test_a_shorter_deadline_than_the_pending_ones_still_times_out(
+    server: tuple[EchoServer, str],
+) -> None:
+    # The pool's one deadline timer is set for the earliest deadline: a request with a
+    # short timeout, sent while a long one is pending, must not wait for the long one's.
+    echo, target = server
+    pool = HttpPool(target)
+    echo.delay = 0.5
+    long = asyncio.create_task(pool.post("/p", [], b"long", 30))
+    await asyncio.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        await pool.post("/p", [], b"short", 0.05)
+    assert not long.done()
+    assert (await long).body == b"long"
+    pool.close()
