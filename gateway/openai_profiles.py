@@ -51,9 +51,7 @@ class Profile(ABC):
         for ``sampling`` on this model version, as Triton's HTTP ``generate_stream``
         takes it (``kserve_codec.encode_generate`` makes a gRPC request of it)."""
         fields = self._fields(info, sampling)
-        # A decoupled model streams only when the client does: asked to stream for a
-        # whole answer, it sends a response per token, each costing a round of work.
-        # Others answer once and may refuse stream=true.
+        # ``stream`` is for decoupled models (others answer once and may refuse it).
         if "stream" in info.inputs:
             fields["stream"] = stream and info.decoupled
         if sampling.user is not None:

@@ -296,56 +296,28 @@ class _Generate:
 
 
 async def generate(request: web.Request) -> web.Response:
-    raw = await request.read()
-    gen = _Generate(request, codec.parse_json(raw))
+    gen = _Generate(request, codec.parse_json(await request.read()))
     timeouts = request_timeouts(request)
-    deadline = asyncio.get_running_loop().time() + timeouts.total
     trail = request[TRAIL]  # its metadata follows the attempt in progress
 
-    async def one_reply(backend: Backend) -> tuple[bytes, dict[str, Any]]:
-        """The answer's JSON, and as an object."""
-        wire = gen.wire_for(backend)  # checks the request as gRPC would (Triton's HTTP: 500s)
-        if backend.http is not None:
-            # Triton's /generate answers chunked, which the keep-alive pool does not
-            # read; its generate_stream gives the same answer as one event.
-            path = request.raw_path.partition("?")[0] + "_stream"
-            events = generate_events(
-                backend, path, raw, trail.metadata, timeouts.idle, deadline, []
-            )
-            replies = [reply async for reply in events]
-        elif not gen.info(backend).decoupled:
-            wire_reply = await backend.channel.infer(wire, timeouts.total, trail.metadata)
-            body = codec.generate_response_json(
-                decode_reply(grpc_wire.decode_infer_response, wire_reply)
-            )
-            return orjson.dumps(body), body
-        else:
-            replies = [
-                _grpc_event(reply)
-                async for reply in stream_replies(backend, wire, timeouts, trail.metadata)
-            ]
+    async def one_reply(backend: Backend) -> Any:
+        wire = gen.wire_for(backend)
+        if not gen.info(backend).decoupled:
+            reply = await backend.channel.infer(wire, timeouts.total, trail.metadata)
+            return decode_reply(grpc_wire.decode_infer_response, reply)
+        replies = [r async for r in stream_replies(backend, wire, timeouts, trail.metadata)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
             )
-        event, body = replies[0]
-        return _event_data(event), body
+        return replies[0]
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
-        answer, body = await with_failover(lease, one_reply, timeouts.total)
+        reply = await with_failover(lease, one_reply, timeouts.total)
         lease.first_response()
+        body = codec.generate_response_json(reply)
         lease.count_tokens(_tokens_so_far(body, 1))
-    return web.Response(body=answer, content_type=_JSON)
-
-
-def _event_data(event: bytes) -> bytes:
-    """An event's JSON, as valid UTF-8 (Triton writes BYTES outputs into it as they are)."""
-    data = event.partition(b"data:")[2].strip()
-    try:
-        str(data, "utf-8")
-    except UnicodeDecodeError:
-        return str(data, "utf-8", "replace").encode()
-    return data
+    return _json(body)
 
 
 def _tokens_so_far(body: dict[str, Any], replies: int) -> int:
@@ -410,15 +382,10 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Event, None]:
     try:
         async for reply in replies:
-            yield _grpc_event(reply)
+            body = codec.generate_response_json(reply)
+            yield sse_event(orjson.dumps(body)), body
     finally:
         await replies.aclose()
-
-
-def _grpc_event(reply: Any) -> Event:
-    """A gRPC response as Triton's HTTP endpoint would have sent it."""
-    body = codec.generate_response_json(reply)
-    return sse_event(orjson.dumps(body)), body
 
 
 async def _relay(stream: SseStream, response: FrontStreamResponse, lease: Lease) -> None:

@@ -3,8 +3,8 @@
 Every completion is one generate stream (``forward.open_stream``): Triton's HTTP
 ``generate_stream`` where the backend's HTTP endpoint is known (gateway/http_generate.py),
 else gRPC ModelStreamInfer. ``stream: true`` relays each Triton response as a chunk (on
-the fast lane from the upstream connection's callback); ``stream: false`` asks the model
-for one answer and gathers whatever responses it sends.
+the fast lane from the upstream connection's callback); ``stream: false`` gathers the
+responses into one answer.
 Request fields are mapped, ignored or refused as the README's "OpenAI API" section says.
 """
 
@@ -296,7 +296,11 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
         live_http.clear()
         info = fleet.model_info(backend, call.model)
-        body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
+        # Over gRPC a whole answer is asked for as one (a hang-up cancels the call at
+        # once). Over HTTP Triton notices a hang-up only when it next writes, so the
+        # model streams and is stopped within a token.
+        stream = call.stream or backend.http is not None
+        body = profile_for(info, configured).request(info, sampling, chunks.id, stream)
         trace = lease.trail.metadata
         if backend.http is None:
             wire = codec.encode_generate(info.name, info, body)

@@ -87,3 +87,21 @@ async def test_hang_ups_stop_generation(gateway: Gateway, triton_fleet: TritonFl
             assert tokens_generated(triton_fleet) == settled, (
                 f"disconnect {i} ({kind}) kept generating"
             )
+
+
+async def test_hang_ups_stop_whole_openai_answers(
+    gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    # A non-streamed completion: the client waits for one answer and goes away first.
+    rng = random.Random(5678)
+    body = {"model": "tiny_lm", "prompt": "We the People", "max_tokens": 400, "stream": False}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(10):
+            await hang_up_during_request(
+                session, gateway.url, "/v1/completions", body, rng.uniform(0.005, 0.08)
+            )
+            await asyncio.sleep(0.1)
+            settled = tokens_generated(triton_fleet)
+            await asyncio.sleep(0.1)
+            assert tokens_generated(triton_fleet) == settled, f"disconnect {i} kept generating"

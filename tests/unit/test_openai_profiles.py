@@ -147,8 +147,7 @@ def test_triton_llm_leaves_unset_parameters_to_the_model() -> None:
     assert values == {"text_input": "x", "stream": True}
 
 
-def test_decoupled_model_streams_only_when_the_client_does() -> None:
-    # Asked to stream for a whole answer, tiny_lm would send a response per token.
+def test_decoupled_model_streams_as_asked() -> None:
     _, values = decode(encode("triton-llm", TINY_LM, Sampling("x"), stream=False))
     assert values["stream"] is False
 
