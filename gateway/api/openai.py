@@ -1,10 +1,10 @@
 """The OpenAI API (/v1): chat completions, completions and models, served from the fleet.
 
-Every completion is one generate stream (``forward.open_stream``): Triton's HTTP
-``generate_stream`` where the backend's HTTP endpoint is known (gateway/http_generate.py),
-else gRPC ModelStreamInfer. ``stream: true`` relays each Triton response as a chunk (on
-the fast lane from the upstream connection's callback); ``stream: false`` gathers the
-responses into one answer.
+Every completion is one generate stream (``forward.open_stream``). ``stream: true`` goes
+to Triton's HTTP ``generate_stream`` where the backend's HTTP endpoint is known
+(gateway/http_generate.py), else gRPC ModelStreamInfer, and relays each Triton response
+as a chunk (on the fast lane from the upstream connection's callback). ``stream: false``
+asks the model for one answer over gRPC and gathers whatever responses it sends.
 Request fields are mapped, ignored or refused as the README's "OpenAI API" section says.
 """
 
@@ -296,13 +296,12 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
         live_http.clear()
         info = fleet.model_info(backend, call.model)
-        # Over gRPC a whole answer is asked for as one (a hang-up cancels the call at
-        # once). Over HTTP Triton notices a hang-up only when it next writes, so the
-        # model streams and is stopped within a token.
-        stream = call.stream or backend.http is not None
-        body = profile_for(info, configured).request(info, sampling, chunks.id, stream)
+        body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
         trace = lease.trail.metadata
-        if backend.http is None:
+        # A whole answer is asked for as one response, over gRPC: Triton notices an
+        # HTTP client's hang-up only when it next writes, which for one response is at
+        # the end, while a cancelled gRPC call stops the model at its next token.
+        if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
             return stream_replies(backend, wire, timeouts, trace)
         path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
