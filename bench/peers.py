@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
     http_status,
     start_gateway,
     stop_gateway,
+    wait_model_ready,
 )
 
 NGINX_PACKAGE = "nginx-light"
@@ -317,11 +318,10 @@ def local_fleet_and_gateway(
     except BaseException:
         fleet.stop()
         raise
-    deadline = time.monotonic() + 60
-    while http_status(f"{gateway.url}/v2/models/{model}/ready") != 200:
-        if time.monotonic() > deadline:
-            stop_gateway(gateway)
-            fleet.stop()
-            raise RuntimeError(f"the gateway never found {model} ready")
-        time.sleep(0.2)
+    try:
+        wait_model_ready(gateway.url, model, time.monotonic() + 60)
+    except BaseException:
+        stop_gateway(gateway)
+        fleet.stop()
+        raise
     return fleet, gateway

@@ -75,7 +75,7 @@ from bench.peers import (
 from bench.record import RESULTS, utc_stamp, write_record
 from gateway.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
-from tests.e2e.conftest import REPO, Gateway, http_status, start_gateway, stop_gateway
+from tests.e2e.conftest import REPO, Gateway, start_gateway, stop_gateway, wait_model_ready
 
 RUN_DIR = REPO / ".run" / "bench-publish"
 LM = "tiny_lm"
@@ -871,10 +871,7 @@ def running_targets(run_dir: Path) -> Iterator[dict[str, Any]]:
         for url, model in itertools.product(
             (gateway.url, aiohttp_front.url), (LM, "embed", "tokenize")
         ):
-            while http_status(f"{url}/v2/models/{model}/ready") != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the gateway at {url} never found {model} ready")
-                time.sleep(0.2)
+            wait_model_ready(url, model, deadline)
         yield {
             "server": server,
             "direct": Endpoint("direct", server.http_port, None),

@@ -45,7 +45,13 @@ import aiohttp
 from bench.peers import NginxPeer
 from bench.record import write_record
 from gateway.local_triton import TritonFleet, find_free_port_base
-from tests.e2e.conftest import Gateway, http_status, start_gateway, stop_gateway, triton_metric
+from tests.e2e.conftest import (
+    Gateway,
+    start_gateway,
+    stop_gateway,
+    triton_metric,
+    wait_model_ready,
+)
 from tests.e2e.test_load_aware_routing import tiny_lm_repository
 from tests.e2e.test_routing import success_counts
 
@@ -295,10 +301,7 @@ def gateways(fleet: TritonFleet, policies: list[str], run_dir: Path) -> Iterator
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
         for gateway in started:
-            while http_status(f"{gateway.url}/v2/models/{MODEL}/ready") != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{gateway.url} never found {MODEL} ready")
-                time.sleep(0.2)
+            wait_model_ready(gateway.url, MODEL, deadline)
         yield started
     finally:
         for gateway in started:

@@ -47,12 +47,12 @@ from tests.e2e.conftest import (
     Gateway,
     admin_fleet,
     admit_everything,
-    http_status,
     start_gateway,
     stop_gateway,
     tiny_lm_stream,
     tiny_lm_variant,
     total_inflight,
+    wait_model_ready,
 )
 
 ADMIN_TOKEN = "bench-streams-admin-token"
@@ -202,11 +202,7 @@ def fleet_and_gateway(args: argparse.Namespace, run_dir: Path) -> Iterator[Gatew
         flags = ("--workers", "1", "--config", str(config), "--admin-token", ADMIN_TOKEN)
         gateway = start_gateway(backends, run_dir / "gateway.log", *flags)
         try:
-            deadline = time.monotonic() + 60
-            while http_status(f"{gateway.url}/v2/models/tiny_lm/ready") != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the gateway never found tiny_lm ready")
-                time.sleep(0.2)
+            wait_model_ready(gateway.url, "tiny_lm", time.monotonic() + 60)
             yield gateway
         finally:
             stop_gateway(gateway)

@@ -54,6 +54,15 @@ def http_status(url: str) -> int:
         return 0
 
 
+def wait_model_ready(gateway_url: str, model: str, deadline: float) -> None:
+    """Return once the gateway at ``gateway_url`` has ``model`` ready; RuntimeError after
+    ``deadline`` (``time.monotonic()``)."""
+    while http_status(f"{gateway_url}/v2/models/{model}/ready") != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway at {gateway_url} never found {model} ready")
+        time.sleep(0.2)
+
+
 def triton_metric(server: TritonServer, name: str, model: str) -> float:
     """One model's sample of a metric, read from the server's metrics port."""
     with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
