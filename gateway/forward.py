@@ -19,6 +19,7 @@ from .config import GatewayConfig
 from .errors import (
     TRITON_UNKNOWN_MODEL,
     BadRequest,
+    GatewayError,
     GatewayTimeout,
     ModelGone,
     Unavailable,
@@ -143,6 +144,17 @@ async def any_backend(backends: list[Backend], call: Callable[[Backend], Awaitab
             if not (attempt + 1 < len(backends) and is_connection_failure(exc)):
                 raise upstream_error(exc) from None
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def failure_after_answer(exc: Exception) -> GatewayError:
+    """The gateway's error for an upstream call that failed after it began answering:
+    nothing can be retried then, and the client is told in-band."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return upstream_error(exc)
+    if isinstance(exc, UpstreamConnectionError):
+        return UpstreamError(f"the backend's stream broke: {exc}", 502)
+    assert isinstance(exc, GatewayError)
+    return exc
 
 
 def decode_reply(decoder: Callable[[bytes], T], reply: bytes) -> T:

@@ -33,6 +33,7 @@ from ..forward import (
     any_backend,
     check_max_tokens,
     decode_reply,
+    failure_after_answer,
     open_stream,
     request_timeouts,
     stream_replies,
@@ -366,13 +367,14 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                     replies += 1
                     lease.count_tokens(_tokens_so_far(payload, replies))
                     await response.write(event)
-        except grpc.aio.AioRpcError as exc:
+        except (
+            grpc.aio.AioRpcError,
+            UpstreamError,
+            GatewayTimeout,
+            UpstreamConnectionError,
+        ) as exc:
             # After the first byte nothing is replayed: the client is told, explicitly.
-            await sse.send_json(response, {"error": upstream_error(exc).message})
-        except (UpstreamError, GatewayTimeout) as exc:
-            await sse.send_json(response, {"error": exc.message})
-        except UpstreamConnectionError as exc:
-            await sse.send_json(response, {"error": f"the backend's stream broke: {exc}"})
+            await sse.send_json(response, {"error": failure_after_answer(exc).message})
         finally:
             await rest.aclose()
     await response.write_eof()

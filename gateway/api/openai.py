@@ -28,10 +28,17 @@ from .. import kserve_codec as codec
 from .. import sse
 from ..chat_template import DEFAULT_TEMPLATE, ChatTemplate, template_messages
 from ..config import GatewayConfig
-from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound, UpstreamError
+from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
-from ..forward import admit, check_max_tokens, open_stream, request_timeouts, stream_replies
+from ..forward import (
+    admit,
+    check_max_tokens,
+    failure_after_answer,
+    open_stream,
+    request_timeouts,
+    stream_replies,
+)
 from ..http_generate import event_payload, generate_events, relay
 from ..http_stream import SseStream
 from ..http_upstream import UpstreamConnectionError
@@ -46,7 +53,6 @@ from ..openai_profiles import (
 )
 from ..router import Lease
 from ..telemetry import TRAIL
-from ..upstream import upstream_error
 from .keys import CONFIG, FLEET
 
 
@@ -344,7 +350,7 @@ async def _read_all(replies: AsyncGenerator[Any, None], reader: ReplyReader) -> 
         async for reply in replies:
             reader.read(reply)
     except (grpc.aio.AioRpcError, UpstreamConnectionError) as exc:
-        raise _upstream_failure(exc) from None
+        raise failure_after_answer(exc) from None
 
 
 async def _stream(
@@ -372,7 +378,7 @@ async def _stream(
                 if text:
                     await sse.send_json(response, chunks.delta(text))
     except (grpc.aio.AioRpcError, GatewayError, UpstreamConnectionError) as exc:
-        await response.write(sse_event(_upstream_failure(exc).openai_body(), b"error"))
+        await response.write(sse_event(failure_after_answer(exc).openai_body(), b"error"))
         return response
     tail = reader.flush()
     if tail:
@@ -383,16 +389,6 @@ async def _stream(
         await sse.send_json(response, chunks.usage(usage))
     await response.write(b"data: [DONE]\n\n")
     return response
-
-
-def _upstream_failure(exc: Exception) -> GatewayError:
-    """The gateway's error for a failure of the upstream call once it has answered."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return upstream_error(exc)
-    if isinstance(exc, UpstreamConnectionError):
-        return UpstreamError(f"the backend's stream broke: {exc}", 502)
-    assert isinstance(exc, GatewayError)
-    return exc
 
 
 async def _relay(
