@@ -9,7 +9,7 @@ requests (their handler set ``trail.model``) log at INFO; other routes at DEBUG.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -248,9 +248,11 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
         return given
-    # uuid.uuid4().hex without building a UUID object (1.8 µs here against 3.2): 16 random
-    # bytes with the version (4) and variant (RFC 4122) bits set as uuid4 sets them.
-    value = int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET
+    # uuid.uuid4().hex without building a UUID object (1.8 µs here against 3.2): 128
+    # random bits with the version (4) and variant (RFC 4122) bits set as uuid4 sets
+    # them. From the random module, not os.urandom: an id names a request, it guards
+    # nothing, and the generator costs no system call.
+    value = random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET
     return f"{value:032x}"
 
 

@@ -36,13 +36,15 @@ _INT64_MAX = 2**63 - 1
 
 def check_shape(name: str, shape: Any) -> list[int]:
     """A list of non-negative int64 dims, or a 400 naming the input."""
-    if not isinstance(shape, list) or not all(
-        type(d) is int and 0 <= d <= _INT64_MAX for d in shape
-    ):
-        raise BadRequest(
-            f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
-        )
-    return shape
+    if isinstance(shape, list):
+        for dim in shape:  # a loop, not all() over a generator: this runs per request
+            if type(dim) is not int or not 0 <= dim <= _INT64_MAX:
+                break
+        else:
+            return shape
+    raise BadRequest(
+        f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
+    )
 
 
 def check_datatype(name: str, datatype: Any) -> str:

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from fastpath import NO_EXTENSIONS, admission, framing, grpc_wire, scoring, tenants
+from fastpath import NO_EXTENSIONS, admission, framing, grpc_wire, http1, scoring, tenants
 
 # (selector module, its compiled twin, its pure twin, a public name both export)
 SELECTORS = [
@@ -20,6 +20,7 @@ SELECTORS = [
     (scoring, scoring.scoring_c, scoring.scoring_py, "Scorer"),
     (admission, admission.admission_c, admission.admission_py, "Admitter"),
     (tenants, tenants.tenants_c, tenants.tenants_py, "TenantLimiter"),
+    (http1, http1.http1_c, http1.http1_py, "parse_request_head"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import fastlane
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_backends
 from gateway.fastlane import HotRoutes, parse_head
@@ -114,6 +115,23 @@ def test_hot_routes_match_with_their_variables(
 )
 def test_other_routes_do_not_match(method: str, path: str) -> None:
     assert _routes().match(method, path) is None
+
+
+def test_remembered_matches_stay_right_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastlane, "_MATCH_CACHE_SIZE", 8)
+    routes = _routes()
+    for i in range(20):  # more distinct paths than are remembered
+        for _ in range(2):  # the second time from what was remembered
+            matched = routes.match("POST", f"/v2/models/m{i}/infer")
+            assert matched is not None and dict(matched[1]) == {"model": f"m{i}"}
+            assert routes.match("GET", f"/v2/models/m{i}/infer") is None
+        assert len(routes._matched) <= 8
+    first, second = (
+        routes.match("POST", "/v2/models/a/infer"),
+        routes.match("POST", "/v2/models/a/infer"),
+    )
+    assert first is not None and second is not None
+    assert first[1] is not second[1]  # each request has its own match_info
 
 
 def test_a_fixed_body_takes_its_length_and_returns_the_rest() -> None:

@@ -18,6 +18,7 @@ class EchoServer:
         self.connections = 0
         self.close_after_reply = False
         self.delay = 0.0
+        self.pieces = 1  # the reply written in this many parts, each sent on its own
         self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -30,13 +31,18 @@ class EchoServer:
                 body = await reader.readexactly(length)
                 await asyncio.sleep(self.delay)
                 extra = b"Connection: close\r\n" if self.close_after_reply else b""
-                writer.write(
+                reply = (
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                     + extra
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-                await writer.drain()
+                step = -(-len(reply) // self.pieces)
+                for at in range(0, len(reply), step):
+                    writer.write(reply[at : at + step])
+                    await writer.drain()
+                    if self.pieces > 1:
+                        await asyncio.sleep(0.01)  # each part its own read at the pool
                 if self.close_after_reply:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -123,4 +129,20 @@ async def test_a_shorter_deadline_than_the_pending_ones_still_times_out(
         await pool.post("/p", [], b"short", 0.05)
     assert not long.done()
     assert (await long).body == b"long"
+    pool.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 7, 40])
+async def test_a_reply_read_in_parts_is_the_same_reply(
+    server: tuple[EchoServer, str], pieces: int
+) -> None:
+    """One read (the pool's shortcut) or many (head and body split anywhere)."""
+    echo, target = server
+    echo.pieces = pieces
+    pool = HttpPool(target)
+    for body in (b"x" * 100, b"second"):
+        reply = await pool.post("/echo", [], body, timeout=5)
+        assert (reply.status, bytes(reply.body)) == (200, body)
+        assert reply.headers[b"content-type"] == b"application/octet-stream"
+    assert echo.connections == 1
     pool.close()
