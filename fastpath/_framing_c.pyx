@@ -267,3 +267,55 @@ def sse_event(data, event=None):
     finally:
         PyBuffer_Release(&data_view)
     return result
+
+
+def elide_long_strings(text, Py_ssize_t min_length):
+    cdef Py_buffer view
+    _acquire(text, &view)
+    cdef const char* p = <const char*>view.buf
+    cdef Py_ssize_t n = view.len
+    cdef char* out = <char*>PyMem_Malloc(n + 1)
+    cdef Py_ssize_t i = 0, o = 0, start, j, back
+    cdef const char* found
+    if out == NULL:
+        PyBuffer_Release(&view)
+        raise MemoryError()
+    try:
+        while i < n:
+            found = <const char*>memchr(p + i, 34, n - i)  # '"'
+            if found == NULL:
+                break
+            start = found - p
+            memcpy(out + o, p + i, start - i)
+            o += start - i
+            # The closing quote: the next one not escaped by an odd run of backslashes.
+            j = start + 1
+            while True:
+                found = <const char*>memchr(p + j, 34, n - j)
+                if found == NULL:
+                    j = -1
+                    break
+                j = found - p
+                back = j - 1
+                while back > start and p[back] == 92:  # '\\'
+                    back -= 1
+                if (j - 1 - back) % 2 == 0:
+                    break
+                j += 1
+            if j < 0:  # unterminated: left as it is
+                i = start
+                break
+            if j + 1 - start > min_length:
+                out[o] = 34
+                out[o + 1] = 34
+                o += 2
+            else:
+                memcpy(out + o, p + start, j + 1 - start)
+                o += j + 1 - start
+            i = j + 1
+        memcpy(out + o, p + i, n - i)
+        o += n - i
+        return PyBytes_FromStringAndSize(out, o)
+    finally:
+        PyMem_Free(out)
+        PyBuffer_Release(&view)

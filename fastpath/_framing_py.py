@@ -15,6 +15,8 @@ Buffer = bytes | bytearray | memoryview
 _U32 = Struct("<I")
 _U32_MAX = 0xFFFFFFFF
 _LINE_BREAK = re.compile(rb"[\r\n]")
+# A JSON string literal, or an unterminated one (to the end of the text).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*("|\\?\Z)', re.S)
 
 
 def _byte_view(buf: Buffer) -> memoryview:
@@ -142,3 +144,16 @@ def sse_event(data: Buffer, event: bytes | None = None) -> bytes:
         return b"".join((b"data: ", data, b"\n\n"))
     _check_line(event, "event")
     return b"".join((b"event: ", event, b"\ndata: ", data, b"\n\n"))
+
+
+def elide_long_strings(text: Buffer, min_length: int) -> bytes:
+    """JSON ``text`` with every string literal longer than ``min_length`` bytes (quotes
+    included) replaced by ``""``: what is left parses in microseconds where a 4 MiB
+    string took orjson ~3.6 ms, and says the same about the document's structure.
+    The strings are not checked (escapes, UTF-8); an unterminated one is left as it is."""
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        literal = match.group()
+        return b'""' if match.group(1) == b'"' and len(literal) > min_length else literal
+
+    return _JSON_STRING.sub(replace, bytes(text))

@@ -19,6 +19,7 @@ if TYPE_CHECKING or framing_c is None:
     from fastpath._framing_py import (
         build_infer_body,
         deserialize_bytes_tensor,
+        elide_long_strings,
         serialize_bytes_tensor,
         slice_binary_inputs,
         split_infer_body,
@@ -28,6 +29,7 @@ else:
     from fastpath._framing_c import (
         build_infer_body,
         deserialize_bytes_tensor,
+        elide_long_strings,
         serialize_bytes_tensor,
         slice_binary_inputs,
         split_infer_body,
@@ -38,6 +40,7 @@ __all__ = [
     "COMPILED",
     "build_infer_body",
     "deserialize_bytes_tensor",
+    "elide_long_strings",
     "framing_c",
     "framing_py",
     "serialize_bytes_tensor",

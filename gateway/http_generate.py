@@ -23,14 +23,14 @@ from .router import Lease
 
 _JSON = "application/json"
 
-# How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true),
-# which it answers with 500 although the client is at fault.
-_TRITON_DATA_FAULT = "Unable to parse 'data'"
+# How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true)
+# and a body that is not JSON, which it answers with 500 although the client is at fault.
+_TRITON_CLIENT_FAULTS = ("Unable to parse 'data'", "failed to parse the request JSON buffer")
 
 
 def client_fault_status(status: int, message: str) -> int:
     """400 for what Triton answers 500 but is the client's fault, else ``status``."""
-    return 400 if status == 500 and message.startswith(_TRITON_DATA_FAULT) else status
+    return 400 if status == 500 and message.startswith(_TRITON_CLIENT_FAULTS) else status
 
 
 def error_message(body: bytes | bytearray) -> str:

@@ -26,9 +26,11 @@ from .http1 import PREALLOCATE_BYTES, FixedBody
 # (Not Content-Encoding: aiohttp has already decompressed the body it hands over.)
 # Not Content-Type: the caller names the body's kind itself (Triton's HTTP server drops
 # the connection on a form content type, which curl sends by default).
+# Not Accept-Encoding: a compressed reply could not have the invalid UTF-8 that Triton
+# writes into JSON replaced (kserve._passthrough), so replies come uncompressed, as the
+# gateway's own answers do.
 FORWARDED_REQUEST_HEADERS = (
     "Inference-Header-Content-Length",
-    "Accept-Encoding",
     "traceparent",
     "tracestate",
 )

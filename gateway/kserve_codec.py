@@ -24,6 +24,12 @@ _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "sha
 _PARAMETER_TYPES = frozenset({bool, int, float, str})
 
 
+# JSON infer bodies larger than this are checked with their strings longer than
+# ELIDED_STRING_BYTES elided (check_infer).
+ELIDE_ABOVE_BYTES = 64 * 1024
+ELIDED_STRING_BYTES = 256
+
+
 @dataclass(frozen=True)
 class InferCall:
     """A translated infer request: the gRPC bytes and how the client wants outputs."""
@@ -72,6 +78,27 @@ class ParsedInfer:
     outputs: list[tuple[str, dict[str, Any] | None]]
     binary_default: bool  # request-level binary_data_output
     binary_outputs: Mapping[str, bool]  # per requested output: its binary_data flag
+    # False: checked with long strings elided (check_infer); raws are not the request's.
+    complete: bool = True
+
+
+def check_infer(body: bytes, header_length: str | None) -> ParsedInfer:
+    """Validate an infer request that is forwarded as it is (400 on any fault).
+
+    A large JSON body is checked with its long strings elided: orjson took ~3.6 ms
+    for a 4 MiB string (a 4 MiB ``infer`` cost 4 ms more than through nginx), the
+    elision 0.05 ms, and the strings' content is Triton's to check. The result is then
+    not ``complete``: parse the body with ``parse_infer`` to encode it for gRPC."""
+    if header_length is None and len(body) > ELIDE_ABOVE_BYTES:
+        elided = framing.elide_long_strings(body, ELIDED_STRING_BYTES)
+        try:
+            parsed = parse_infer(parse_json(elided), memoryview(b""))
+        except BadRequest:
+            pass  # the error again, from the whole body: its message names what was sent
+        else:
+            parsed.complete = False
+            return parsed
+    return parse_infer(*decode_infer_body(body, header_length))
 
 
 def parse_infer(header: dict[str, Any], tail: memoryview) -> ParsedInfer:
@@ -129,6 +156,7 @@ def parse_infer(header: dict[str, Any], tail: memoryview) -> ParsedInfer:
 
 def encode_infer(model: str, version: str, parsed: ParsedInfer) -> InferCall:
     """The gRPC ModelInferRequest bytes of a parsed request (the one tensor copy)."""
+    assert parsed.complete, "encode what parse_infer parsed, not what check_infer checked"
     try:
         wire = grpc_wire.encode_infer_request(
             model,

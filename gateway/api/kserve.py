@@ -171,7 +171,7 @@ async def infer(request: web.Request) -> web.Response:
     request.app[FLEET].candidates(model, version)  # unknown model: 404 before reading the body
     body = await request.read()
     header_length = request.headers.get("Inference-Header-Content-Length")
-    parsed = codec.parse_infer(*codec.decode_infer_body(body, header_length))
+    parsed = codec.check_infer(body, header_length)
     _check_tensor_limits(request.app[CONFIG], parsed)
     # The request goes to a backend's HTTP endpoint as it is (validated above), or, to a
     # backend whose HTTP endpoint is not known, over gRPC (the gateway writes the answer).
@@ -190,7 +190,10 @@ async def infer(request: web.Request) -> web.Response:
                     raise BadRequest(message)
             return _passthrough(reply)
         if not grpc_call:
-            grpc_call.append(codec.encode_infer(model, version, parsed))
+            whole = parsed
+            if not whole.complete:  # checked with long strings elided: parse it all now
+                whole = codec.parse_infer(*codec.decode_infer_body(body, header_length))
+            grpc_call.append(codec.encode_infer(model, version, whole))
         call = grpc_call[0]
         wire = await backend.channel.infer(call.wire, timeout, lease.trail.metadata)
         out, out_header_length = codec.encode_infer_response(

@@ -1,5 +1,7 @@
 """fastpath.framing: both twins, against tritonclient's BYTES codec and each other."""
 
+import json
+import random
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -233,3 +235,24 @@ def test_sse_event_names_first_line_break(impl: ModuleType) -> None:
     ):
         impl.sse_event(b"{}", b"x\ny")
     assert impl.sse_event(memoryview(b'{"t":1}'), b"token") == b'event: token\ndata: {"t":1}\n\n'
+
+
+def test_long_json_strings_are_elided_and_the_rest_kept(impl: ModuleType) -> None:
+    text = json.dumps({"name": "TEXT", "data": ["a" * 40, 'q"\\' * 10, "short"], "n": [1]})
+    elided = impl.elide_long_strings(text.encode(), 20)
+    assert json.loads(elided) == {"name": "TEXT", "data": ["", "", "short"], "n": [1]}
+    assert impl.elide_long_strings(b'["' + b"x" * 30 + b'\\"', 5) == b'["' + b"x" * 30 + b'\\"'
+
+
+def test_twins_elide_alike() -> None:
+    """Random texts of quotes, backslashes and JSON punctuation (escaped quotes, runs of
+    backslashes, unterminated strings): the same result from both twins."""
+    if framing.framing_c is None:
+        pytest.skip("compiled framing not loaded")
+    rng = random.Random(5)
+    alphabet = b'ab"\\ :{}[],'
+    for _ in range(20_000):
+        text = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        limit = rng.randint(0, 6)
+        expected = framing.framing_py.elide_long_strings(text, limit)
+        assert framing.framing_c.elide_long_strings(text, limit) == expected, (text, limit)
