@@ -151,13 +151,15 @@ cdef bytes _stripped(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, b
         start += 1
     while end > start and _SPACE[p[end - 1]]:
         end -= 1
-    cdef bytes out = PyBytes_FromStringAndSize(<const char*>p + start, end - start)
-    cdef char* w
+    if not lower:
+        return PyBytes_FromStringAndSize(<const char*>p + start, end - start)
+    # A new object written here: a bytes made from data may be CPython's shared
+    # one-byte object (b"C"), which must never be changed in place.
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, end - start)
+    cdef char* w = PyBytes_AS_STRING(out)
     cdef Py_ssize_t i
-    if lower:
-        w = PyBytes_AS_STRING(out)
-        for i in range(end - start):
-            w[i] = _lower(<unsigned char>w[i])
+    for i in range(end - start):
+        w[i] = <char>_lower(p[start + i])
     return out
 
 

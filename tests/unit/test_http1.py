@@ -102,3 +102,12 @@ def test_twins_agree_on_mutated_heads() -> None:
             for parse in ("parse_request_head", "parse_reply_head"):
                 outcomes = {repr(_outcome(getattr(twin, parse), data)) for twin in TWINS}
                 assert len(outcomes) == 1, (parse, data, outcomes)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=IDS)
+def test_one_byte_header_names_leave_shared_bytes_alone(twin: ModuleType) -> None:
+    """CPython shares one object per one-byte bytes value: lower-casing a header name
+    in place once turned every b"C" in the process into b"c"."""
+    _, headers = twin.parse_reply_head(b"HTTP/1.1 200 OK\r\nC: 1\r\nN:2")
+    assert headers == {b"c": b"1", b"n": b"2"}
+    assert bytes([67])[0] == 67 and bytes([78])[0] == 78
