@@ -8,6 +8,7 @@ requests (their handler set ``trail.model``) log at INFO; other routes at DEBUG.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
@@ -284,7 +285,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         raise
     finally:
-        trail.finish(request, status)
+        # Once this task's step has written the answer (the fast lane and aiohttp write
+        # a unary answer in the step that returns it): the metrics and the log line
+        # (~20 µs in the running gateway) are then off the client's critical path.
+        asyncio.get_running_loop().call_soon(trail.finish, request, status)
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
