@@ -17,7 +17,7 @@ import orjson
 
 from .errors import TRITON_UNKNOWN_MODEL, ModelGone, UpstreamError, UpstreamStalled
 from .fleet import Backend
-from .http_stream import SseStream, StreamRefused, open_sse_stream
+from .http_stream import SseStream, StreamRefused, stream_pool
 from .http_upstream import UpstreamConnectionError
 from .router import Lease
 
@@ -51,18 +51,22 @@ async def generate_events(
     idle: float,
     deadline: float,
     opened: list[SseStream],
+    check: Callable[[], object] | None = None,
 ) -> AsyncGenerator[tuple[bytes, dict[str, Any]], None]:
     """Triton's events for ``body`` POSTed to ``path`` on ``backend``'s HTTP endpoint:
     each as it sent it, and its payload (an error event raises). The stream is appended
     to ``opened`` (the fast lane relays the rest of it); closing the generator closes
-    the stream, and Triton cancels."""
+    the stream: read to its end, its connection is kept for another; cut short, the
+    connection closes and Triton cancels. ``check`` runs once the request is sent, off
+    the time to first token; what it raises ends the stream before its first event."""
     assert backend.http is not None
     headers = [("Content-Type", _JSON), *trace]
-    stream = await open_sse_stream(
-        backend.http.target, backend.id, path, headers, body, idle, deadline
-    )
+    pool = stream_pool(backend.http)
+    stream = await pool.open(backend.id, path, headers, body, idle, deadline)
     opened.append(stream)
     try:
+        if check is not None:
+            check()
         try:
             await stream.head()
         except StreamRefused as exc:

@@ -3,9 +3,11 @@
 Why not gRPC ModelStreamInfer here: measured on this machine, a token through
 ``grpc.aio`` cost ~600 CPU-µs on the event loop's thread plus ~250 in gRPC's own
 threads (bench/README.md); an event read off a plain socket and written on costs a few
-tens. Each stream has its own connection, so hanging up is closing it: Triton notices
-on its next write and cancels the request (it cannot notice earlier, see
-triton-inference-server/server#7077).
+tens. A stream has a connection to itself while it runs, so hanging up is closing it:
+Triton notices on its next write and cancels the request (it cannot notice earlier, see
+triton-inference-server/server#7077). A stream that Triton ended cleanly leaves its
+connection idle in its backend's ``StreamPool`` for the next stream (a fresh connection
+costs Triton ~0.2 ms of time to first token, measured here); any other ends it.
 
 One timer per stream keeps the idle timeout: it is moved only when it fires, so an
 event costs a clock read, not a timer reschedule. ``relay`` hands events over from the
@@ -15,14 +17,24 @@ connection's own callback, so a relayed token wakes no task at all.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from fastpath.http1 import parse_reply_head
+
 from .errors import GatewayTimeout, UpstreamStalled
-from .http_upstream import UpstreamConnectFailed, UpstreamConnectionError, parse_reply_head
+from .http_upstream import HttpPool, UpstreamConnectFailed, UpstreamConnectionError
 
 _MAX_HEAD_BYTES = 64 * 1024
+# Idle connections kept per backend; more streams than this at once close theirs at the end.
+MAX_IDLE_STREAM_CONNECTIONS = 16
+
+# _chunk_left's states besides the bytes left of a chunk's data.
+_SIZE_LINE = -1  # a chunk's size line is next
+_CHUNK_END = -2  # a chunk's CRLF is next
+_TRAILERS = -3  # the last chunk was read: trailer lines up to an empty one
 
 
 class StreamRefused(Exception):
@@ -34,29 +46,163 @@ class StreamRefused(Exception):
         self.body = body
 
 
+class _IdleConnection(asyncio.Protocol):
+    """A pooled connection between two streams: Triton sends nothing then, so any byte
+    or a close ends it (and takes it out of the pool)."""
+
+    def __init__(self, pool: StreamPool, transport: asyncio.Transport) -> None:
+        self._pool = pool
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pool.forget(self)
+
+
+class StreamPool:
+    """Connections to one Triton HTTP endpoint for ``generate_stream``: a stream gets an
+    idle one when there is one (LIFO: the freshest), else a new one, and gives it back
+    only if it read its reply to the end (``SseStream.close``). At most
+    ``max_idle`` wait idle."""
+
+    def __init__(self, target: str, max_idle: int = MAX_IDLE_STREAM_CONNECTIONS) -> None:
+        self.target = target  # host:port
+        host, _, port = target.rpartition(":")
+        self._host = host
+        self._port = int(port)
+        self._host_header = target.encode()
+        self._max_idle = max_idle
+        self._idle: list[_IdleConnection] = []
+
+    async def open(
+        self,
+        label: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        idle: float,
+        deadline: float,
+    ) -> SseStream:
+        """POST ``body`` to ``path`` and return the stream once its request is sent;
+        ``head()`` then waits for Triton's answer."""
+        stream = SseStream(label, idle, deadline, self)
+        stream.request = (self._request_head(path, headers, len(body)), body)
+        while self._idle:
+            connection = self._idle.pop()
+            transport = connection.transport
+            if not transport.is_closing():
+                transport.set_protocol(stream)
+                stream.reused = True
+                stream.connection_made(transport)
+                stream.send_request()
+                return stream
+        await self.connect(stream)
+        return stream
+
+    async def connect(self, stream: SseStream) -> None:
+        """A new connection for ``stream``, its request sent."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: stream, self._host, self._port)
+        except OSError as exc:
+            stream.close()
+            raise UpstreamConnectFailed(f"cannot connect to {self.target}: {exc}") from None
+        except BaseException:  # cancelled: the stream's timers go with it
+            stream.close()
+            raise
+        stream.send_request()
+
+    def _request_head(self, path: str, headers: Sequence[tuple[str, str]], length: int) -> bytes:
+        lines = [
+            b"POST ",
+            path.encode(),
+            b" HTTP/1.1\r\nHost: ",
+            self._host_header,
+            b"\r\nContent-Length: ",
+            b"%d" % length,
+            b"\r\n",
+        ]
+        for name, value in headers:
+            lines += (name.encode(), b": ", value.encode("latin-1"), b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def give_back(self, transport: asyncio.Transport) -> None:
+        """Keep ``transport`` (its last reply read to the end) for the next stream."""
+        if len(self._idle) >= self._max_idle or transport.is_closing():
+            transport.close()
+            return
+        connection = _IdleConnection(self, transport)
+        transport.set_protocol(connection)
+        self._idle.append(connection)
+
+    def forget(self, connection: _IdleConnection) -> None:
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        """Close the idle connections (streams under way keep theirs)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.transport.close()
+
+
+# One StreamPool per backend, living as long as its unary pool (the backend's HttpPool).
+_POOLS: weakref.WeakKeyDictionary[HttpPool, StreamPool] = weakref.WeakKeyDictionary()
+
+
+def stream_pool(http: HttpPool) -> StreamPool:
+    """The stream connections of the backend whose HTTP endpoint ``http`` serves."""
+    pool = _POOLS.get(http)
+    if pool is None:
+        pool = _POOLS[http] = StreamPool(http.target)
+    return pool
+
+
+def close_stream_pools() -> None:
+    """Close every backend's idle stream connections (the gateway is stopping)."""
+    for pool in list(_POOLS.values()):
+        pool.close()
+
+
 class SseStream(asyncio.Protocol):
     """One ``generate_stream`` reply: complete events (``data: ...\\n\\n``) in order."""
 
-    def __init__(self, label: str, idle: float, deadline: float) -> None:
+    def __init__(self, label: str, idle: float, deadline: float, pool: StreamPool) -> None:
         self.transport: asyncio.Transport | None = None
         self._label = label  # names the backend in a stall's message
         self._idle = idle
+        self._pool = pool
+        self.request: tuple[bytes, bytes] | None = None  # head and body, until answered
+        self.reused = False  # on a pooled connection: may be stale, retried once if so
+        self._received = False  # any reply byte
         self._buffer = bytearray()  # received, not yet de-chunked
         self._text = bytearray()  # de-chunked, not yet a whole event
         self._events: deque[bytes] = deque()
         self._head: tuple[int, dict[bytes, bytes]] | None = None
+        self._keep_alive = False  # the reply's head lets the connection serve another
         self._length = -1  # a Content-Length body (an error reply); -1: chunked
-        # Bytes left of the current chunk; -1: a size line is next, -2: a chunk's CRLF.
-        self._chunk_left = -1
-        self._finished = False
+        self._chunk_left = _SIZE_LINE  # bytes left of the current chunk, or a state
+        self._finished = False  # the reply's last event is in (or the stream was closed)
+        self._complete = False  # the reply was read to its last byte
+        self._closed = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._last_event = 0.0  # loop time; 0: no event yet, no idle timeout yet
         self._idle_timer: asyncio.TimerHandle | None = None
         self._on_event: Callable[[bytes], None] | None = None  # set by relay
         self._relayed: asyncio.Future[None] | None = None
-        # The request's deadline (loop time) cuts the stream as a gRPC deadline would.
-        self._deadline_timer = asyncio.get_running_loop().call_at(deadline, self._deadline)
+        # The request's deadline (loop time) cuts the stream as a gRPC deadline would;
+        # its timer is set once the request is sent (Triton has work then, the gateway
+        # has none).
+        self._deadline_at = deadline
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -68,6 +214,22 @@ class SseStream(asyncio.Protocol):
             self._fail(UpstreamConnectionError(f"connection lost: {exc or 'closed'}"))
 
     def data_received(self, data: bytes) -> None:
+        self._received = True
+        if (
+            self._chunk_left == _SIZE_LINE
+            and self._head is not None
+            and self._length < 0
+            and not self._buffer
+            and not self._text
+        ):
+            taken = self._whole_events(data)
+            if taken == len(data):
+                if self._on_event is not None:
+                    self._deliver()
+                else:
+                    self._wake()
+                return
+            data = data[taken:]
         self._buffer += data
         try:
             if self._head is None and not self._read_head():
@@ -86,6 +248,13 @@ class SseStream(asyncio.Protocol):
         else:
             self._wake()
 
+    def send_request(self) -> None:
+        assert self.transport is not None and self.request is not None
+        self.transport.writelines(self.request)
+        if self._deadline_timer is None:
+            loop = asyncio.get_running_loop()
+            self._deadline_timer = loop.call_at(self._deadline_at, self._deadline)
+
     # -- parsing -------------------------------------------------------------------------------
 
     def _read_head(self) -> bool:
@@ -94,32 +263,69 @@ class SseStream(asyncio.Protocol):
             if len(self._buffer) > _MAX_HEAD_BYTES:
                 raise ValueError("reply head too large")
             return False
-        self._head = parse_reply_head(bytes(self._buffer[:end]))
+        head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
+        self._take_head(head)
+        return True
+
+    def _take_head(self, head: bytes) -> None:
+        self._head = parse_reply_head(head)
+        self.request = None  # answered: never sent again
         headers = self._head[1]
+        self._keep_alive = (
+            head.startswith(b"HTTP/1.1 ") and headers.get(b"connection", b"").lower() != b"close"
+        )
         if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
             self._length = int(headers.get(b"content-length", b"0"))
-        return True
+
+    def _whole_events(self, data: bytes) -> int:
+        """The usual read, a token's chunk holding one whole event, without copies
+        through the buffers: takes the events of the whole such chunks ``data`` starts
+        with and returns where they end (the general path reads the rest)."""
+        taken = 0
+        end = data.find(b"\r\n")
+        while end > 0:
+            try:
+                size = int(data[taken:end], 16)
+            except ValueError:  # an extension, or not a size: the general path decides
+                return taken
+            start = end + 2
+            stop = start + size
+            if size < 2 or data.find(b"\n\n", start, stop) != stop - 2:
+                return taken  # the last chunk, or not one whole event
+            if data[stop : stop + 2] != b"\r\n":
+                return taken
+            self._events.append(data[start:stop])
+            taken = stop + 2
+            end = data.find(b"\r\n", taken)
+        return taken
 
     def _dechunk(self) -> None:
         buffer = self._buffer
-        while not self._finished:
-            if self._chunk_left == -2:  # a chunk's data is done: its CRLF comes next
+        while True:
+            if self._chunk_left == _CHUNK_END:  # a chunk's data is done: its CRLF is next
                 if len(buffer) < 2:
                     return
                 del buffer[:2]
-                self._chunk_left = -1
-            if self._chunk_left == -1:
+                self._chunk_left = _SIZE_LINE
+            if self._chunk_left < 0:  # a size line, or after the last chunk a trailer line
                 end = buffer.find(b"\r\n")
                 if end < 0:
                     return
+                if self._chunk_left == _TRAILERS:
+                    del buffer[: end + 2]
+                    if end == 0:  # the empty line: the reply's last byte
+                        self._complete = True
+                        return
+                    continue
                 size = int(bytes(buffer[:end]).split(b";", 1)[0], 16)
                 if size < 0:
                     raise ValueError(f"negative chunk size {size}")
                 del buffer[: end + 2]
                 if size == 0:
-                    self._finished = True  # trailers, if any, are not needed
-                    return
+                    self._finished = True
+                    self._chunk_left = _TRAILERS
+                    continue
                 self._chunk_left = size
             take = min(self._chunk_left, len(buffer))
             self._text += buffer[:take]
@@ -127,7 +333,7 @@ class SseStream(asyncio.Protocol):
             self._chunk_left -= take
             if self._chunk_left:
                 return
-            self._chunk_left = -2
+            self._chunk_left = _CHUNK_END
 
     def _split_events(self) -> None:
         text = self._text
@@ -159,6 +365,8 @@ class SseStream(asyncio.Protocol):
         if self._error is not None:
             self._relayed.set_exception(self._error)
         else:
+            if self._last_event and self._idle_timer is None:
+                self._arm_idle_timer()
             self._deliver()
         return self._relayed
 
@@ -168,6 +376,8 @@ class SseStream(asyncio.Protocol):
             return
         if self._events:
             self._last_event = asyncio.get_running_loop().time()
+            if self._idle_timer is None:
+                self._arm_idle_timer()
             try:
                 while self._events and not self._relayed.done():  # on_event may close
                     self._on_event(self._events.popleft())
@@ -178,11 +388,20 @@ class SseStream(asyncio.Protocol):
             self._relayed.set_result(None)
 
     async def head(self) -> tuple[int, dict[bytes, bytes]]:
-        """The reply's status and headers; StreamRefused (with the body) unless 200."""
+        """The reply's status and headers; StreamRefused (with the body) unless 200.
+        A pooled connection that Triton had closed (it fails before any reply byte)
+        is replaced by a new one, once."""
         while self._head is None or (
             (self._length >= 0 or self._head[0] != 200) and not self._finished
         ):
-            await self._wait()
+            try:
+                await self._wait()
+            except UpstreamConnectionError:
+                if not (self.reused and not self._received and not self._closed):
+                    raise
+                self.reused = False
+                self._error = None
+                await self._pool.connect(self)
         status, headers = self._head
         if status != 200:
             # Triton words a refusal as JSON, or (a chunked reply) as one error event.
@@ -197,14 +416,16 @@ class SseStream(asyncio.Protocol):
             if self._finished:
                 return None
             await self._wait()
-        if not self._last_event:
-            self._arm_idle_timer()
         self._last_event = asyncio.get_running_loop().time()
         return self._events.popleft()
 
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
+        if self._last_event and self._idle_timer is None:
+            # The idle timeout runs from the first event, its timer from the first wait
+            # after it: the first event goes on to the client without arming it.
+            self._arm_idle_timer()
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
         self._waiter = None
@@ -231,38 +452,22 @@ class SseStream(asyncio.Protocol):
         self._fail(GatewayTimeout("request deadline exceeded"))
 
     def close(self) -> None:
-        """End the stream (at its end, or abandoned: Triton then cancels the request)."""
+        """End the stream. Read to its end, its connection goes back to the pool;
+        otherwise (abandoned, failed) it is closed: Triton then cancels the request."""
+        if self._closed:
+            return
+        self._closed = True
         self._finished = True
-        self._deadline_timer.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         if self._relayed is not None and not self._relayed.done():
             self._relayed.set_result(None)
-        if self.transport is not None:
-            self.transport.close()
-
-
-async def open_sse_stream(
-    target: str,
-    label: str,
-    path: str,
-    headers: Sequence[tuple[str, str]],
-    body: bytes,
-    idle: float,
-    deadline: float,
-) -> SseStream:
-    """Connect to ``target`` (``host:port``), POST ``body`` to ``path`` and return the
-    stream once its request is sent; ``head()`` then waits for Triton's answer."""
-    host, _, port = target.rpartition(":")
-    loop = asyncio.get_running_loop()
-    try:
-        _, stream = await loop.create_connection(
-            lambda: SseStream(label, idle, deadline), host, int(port)
-        )
-    except OSError as exc:
-        raise UpstreamConnectFailed(f"cannot connect to {target}: {exc}") from None
-    lines = [f"POST {path} HTTP/1.1", f"Host: {target}", f"Content-Length: {len(body)}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    assert stream.transport is not None
-    stream.transport.writelines((("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body))
-    return stream
+        transport = self.transport
+        if transport is None:
+            return
+        if self._complete and self._keep_alive and self._error is None and not self._buffer:
+            self._pool.give_back(transport)
+        else:
+            transport.close()

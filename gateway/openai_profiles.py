@@ -181,6 +181,7 @@ class ReplyReader:
     def __init__(self) -> None:
         # A multi-byte character may be split across two responses.
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = False  # the decoder holds the start of a character
         self._texts: list[str] = []
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
@@ -189,11 +190,12 @@ class ReplyReader:
     def read(self, reply: Any) -> str:
         """The new text in ``reply`` (a decoded gRPC response, or the JSON payload of one
         of Triton's HTTP events); records its finish reason and counts."""
-        outputs = _payload_outputs(reply) if isinstance(reply, dict) else _grpc_outputs(reply)
+        if isinstance(reply, dict):
+            return self._read_payload(reply)
         text = ""
-        for name, value in outputs:
+        for name, value in _grpc_outputs(reply):
             if name == TEXT_OUTPUT:
-                text = self._decoder.decode(value)
+                text = self._decode(value)
             elif name == "finish_reason":
                 reason = value.decode("utf-8", "replace")
                 if reason and reason != "None":
@@ -207,9 +209,52 @@ class ReplyReader:
         self._texts.append(text)
         return text
 
+    def _read_payload(self, payload: dict[str, Any]) -> str:
+        """``read`` of one of Triton's HTTP events, which give each output by name, one
+        element unwrapped (a list otherwise). Text may hold surrogate escapes for bytes
+        that are not UTF-8 (gateway/http_generate.py). Looked up by name: an event has
+        more fields than outputs (model_name, id). Per streamed token, so no more work
+        than it needs: ASCII text with nothing held back by the decoder is the text."""
+        text = ""
+        value = payload.get(TEXT_OUTPUT)
+        if value is not None:
+            if type(value) is not str:
+                value = _joined_text(TEXT_OUTPUT, value)
+            if self._pending or not value.isascii():
+                text = self._decode(value.encode("utf-8", "surrogateescape"))
+            else:
+                text = value
+        value = payload.get("finish_reason")
+        if value is not None:
+            if type(value) is not str:
+                value = _joined_text("finish_reason", value)
+            if not value.isascii():
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if value and value != "None":
+                self.finish_reason = value
+        for name in _COUNT_OUTPUTS:
+            count = payload.get(name)
+            if count is not None:
+                if type(count) is not int:
+                    count = _one_integer(name, count)
+                if name == "num_output_tokens":
+                    self.completion_tokens = (self.completion_tokens or 0) + count
+                elif name == "completion_tokens":
+                    self.completion_tokens = count
+                else:
+                    self.prompt_tokens = count
+        self._texts.append(text)
+        return text
+
+    def _decode(self, data: bytes) -> str:
+        text = self._decoder.decode(data)
+        self._pending = bool(self._decoder.getstate()[0])
+        return text
+
     def flush(self) -> str:
         """Text held back by the UTF-8 decoder (an incomplete final character)."""
         text = self._decoder.decode(b"", final=True)
+        self._pending = False
         self._texts.append(text)
         return text
 
@@ -249,24 +294,6 @@ def _grpc_outputs(reply: Any) -> list[tuple[str, Any]]:
             outputs.append((name, _joined_bytes(name, datatype, raw)))
         elif name in _COUNT_OUTPUTS:
             outputs.append((name, _count(name, datatype, raw)))
-    return outputs
-
-
-def _payload_outputs(payload: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Triton's HTTP events give each output by name, one element unwrapped. Text may
-    hold surrogate escapes for bytes that are not UTF-8 (gateway/http_generate.py).
-    Looked up by name: an event has more fields than outputs (model_name, id)."""
-    outputs: list[tuple[str, Any]] = []
-    for name in _TEXT_OUTPUTS:
-        value = payload.get(name)
-        if value is not None:
-            text = value if type(value) is str else _joined_text(name, value)
-            outputs.append((name, text.encode("utf-8", "surrogateescape")))
-    for name in _COUNT_OUTPUTS:
-        value = payload.get(name)
-        if value is not None:
-            count = value if type(value) is int else _one_integer(name, value)
-            outputs.append((name, count))
     return outputs
 
 

@@ -343,16 +343,31 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     deadline = asyncio.get_running_loop().time() + timeouts.total
 
     live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
+    live: list[AsyncGenerator[Event, None]] = []  # the live attempt's events
 
     def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
         live_http.clear()
-        wire = gen.wire_for(backend)  # checks the request as gRPC would (Triton's HTTP: 500s)
+        live.clear()
         if backend.http is not None:
             trace = lease.trail.metadata
-            return generate_events(
-                backend, request.raw_path, raw, trace, timeouts.idle, deadline, live_http
+            events = generate_events(
+                backend,
+                request.raw_path,
+                raw,
+                trace,
+                timeouts.idle,
+                deadline,
+                live_http,
+                # The request is checked as gRPC would check it (Triton's HTTP endpoint
+                # answers some faults with 500s), once it is sent: while Triton works.
+                check=lambda: gen.wire_for(backend),
             )
-        return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
+            live.append(events)
+        else:
+            wire = gen.wire_for(backend)
+            replies = stream_replies(backend, wire, timeouts, lease.trail.metadata)
+            live.append(_grpc_events(replies))
+        return live[0]
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
         first, rest = await open_stream(lease, events_for, timeouts.total)
@@ -380,6 +395,10 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             await sse.send_json(response, {"error": failure_after_answer(exc).message})
         finally:
             await rest.aclose()
+            # Relayed, ``rest`` never ran, so closing it did not end the attempt's own
+            # events: end them now (an HTTP stream read to its end keeps its
+            # connection), not when the garbage collector finalizes them.
+            await live[0].aclose()
     await response.write_eof()
     return response
 
