@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # Bodies larger than this are received into one buffer of their final size, so each
 # byte is copied once (appending to a growing buffer would copy it again per resize).
 PREALLOCATE_BYTES = 64 * 1024
@@ -27,3 +29,14 @@ class FixedBody:
     @property
     def complete(self) -> bool:
         return self.filled == len(self.buffer)
+
+
+def post_head(host: bytes, path: str, headers: Sequence[tuple[str, str]], length: int) -> bytes:
+    """The head of a POST of ``length`` body bytes to ``path`` on ``host``, with
+    ``headers`` (values in Latin-1, as HTTP/1.1 allows), and its blank line."""
+    lines = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", host, b"\r\nContent-Length: "]
+    lines += (b"%d" % length, b"\r\n")
+    for name, value in headers:
+        lines += (name.encode(), b": ", value.encode("latin-1"), b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)

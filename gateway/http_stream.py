@@ -25,6 +25,7 @@ from typing import cast
 from fastpath.http1 import parse_reply_head
 
 from .errors import GatewayTimeout, UpstreamStalled
+from .http1 import post_head
 from .http_upstream import HttpPool, UpstreamConnectFailed, UpstreamConnectionError
 
 _MAX_HEAD_BYTES = 64 * 1024
@@ -88,7 +89,7 @@ class StreamPool:
         """POST ``body`` to ``path`` and return the stream once its request is sent;
         ``head()`` then waits for Triton's answer."""
         stream = SseStream(label, idle, deadline, self)
-        stream.request = (self._request_head(path, headers, len(body)), body)
+        stream.request = (post_head(self._host_header, path, headers, len(body)), body)
         while self._idle:
             connection = self._idle.pop()
             transport = connection.transport
@@ -113,21 +114,6 @@ class StreamPool:
             stream.close()
             raise
         stream.send_request()
-
-    def _request_head(self, path: str, headers: Sequence[tuple[str, str]], length: int) -> bytes:
-        lines = [
-            b"POST ",
-            path.encode(),
-            b" HTTP/1.1\r\nHost: ",
-            self._host_header,
-            b"\r\nContent-Length: ",
-            b"%d" % length,
-            b"\r\n",
-        ]
-        for name, value in headers:
-            lines += (name.encode(), b": ", value.encode("latin-1"), b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
 
     def give_back(self, transport: asyncio.Transport) -> None:
         """Keep ``transport`` (its last reply read to the end) for the next stream."""

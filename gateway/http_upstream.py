@@ -20,7 +20,7 @@ from typing import cast
 
 from fastpath.http1 import parse_reply_head
 
-from .http1 import PREALLOCATE_BYTES, FixedBody
+from .http1 import PREALLOCATE_BYTES, FixedBody, post_head
 
 # Request headers that change what Triton does with the body, forwarded as they are.
 # (Not Content-Encoding: aiohttp has already decompressed the body it hands over.)
@@ -188,7 +188,7 @@ class HttpPool:
     async def post(
         self, path: str, headers: Sequence[tuple[str, str]], body: bytes | bytearray, timeout: float
     ) -> HttpReply:
-        head = self._request_head(path, headers, len(body))
+        head = post_head(self._host_header, path, headers, len(body))
         async with self._slots:
             reused = self._idle_connection()
             if reused is not None:
@@ -197,21 +197,6 @@ class HttpPool:
                 except UpstreamConnectionError:
                     pass  # Triton closed an idle keep-alive connection: use a fresh one
             return await self._exchange(await self._connect(), head, body, timeout)
-
-    def _request_head(self, path: str, headers: Sequence[tuple[str, str]], length: int) -> bytes:
-        lines = [
-            b"POST ",
-            path.encode(),
-            b" HTTP/1.1\r\nHost: ",
-            self._host_header,
-            b"\r\nContent-Length: ",
-            str(length).encode(),
-            b"\r\n",
-        ]
-        for name, value in headers:
-            lines += (name.encode(), b": ", value.encode("latin-1"), b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
 
     def _idle_connection(self) -> _Connection | None:
         while self._idle:
