@@ -30,6 +30,7 @@ from .config import BackendSpec, GatewayConfig
 from .discovery import DnsDiscovery, system_resolver
 from .errors import NotFound, Unavailable
 from .fleet_state import FleetState
+from .http_stream import StreamPool
 from .http_upstream import HttpPool
 from .upstream import TritonChannel
 
@@ -88,6 +89,7 @@ class Backend:
     spec: BackendSpec
     channel: TritonChannel
     http: HttpPool | None  # Triton's HTTP endpoint, when configured: unary infer goes there
+    streams: StreamPool | None  # the same endpoint's connections for generate_stream
     reachable: bool = False
     ready: bool = False
     # model name -> version -> info, for the versions READY on this backend
@@ -296,6 +298,7 @@ class Fleet:
             spec,
             TritonChannel(spec.grpc_target, self._max_message_bytes, spec.tls),
             HttpPool(spec.http_target) if spec.http_target else None,
+            StreamPool(spec.http_target) if spec.http_target else None,
         )
         self.backends.append(backend)
         self.by_id[spec.id] = backend
@@ -533,6 +536,8 @@ class Fleet:
 async def _close(backend: Backend) -> None:
     if backend.http is not None:
         backend.http.close()
+    if backend.streams is not None:
+        backend.streams.close()  # idle ones; streams under way close their own
     await backend.channel.close()
 
 

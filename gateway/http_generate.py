@@ -17,7 +17,7 @@ import orjson
 
 from .errors import TRITON_UNKNOWN_MODEL, ModelGone, UpstreamError, UpstreamStalled
 from .fleet import Backend
-from .http_stream import SseStream, StreamRefused, stream_pool
+from .http_stream import SseStream, StreamRefused
 from .http_upstream import UpstreamConnectionError
 from .router import Lease
 
@@ -59,10 +59,9 @@ async def generate_events(
     the stream: read to its end, its connection is kept for another; cut short, the
     connection closes and Triton cancels. ``check`` runs once the request is sent, off
     the time to first token; what it raises ends the stream before its first event."""
-    assert backend.http is not None
+    assert backend.streams is not None
     headers = [("Content-Type", _JSON), *trace]
-    pool = stream_pool(backend.http)
-    stream = await pool.open(backend.id, path, headers, body, idle, deadline)
+    stream = await backend.streams.open(backend.id, path, headers, body, idle, deadline)
     opened.append(stream)
     try:
         if check is not None:

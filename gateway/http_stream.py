@@ -17,7 +17,6 @@ connection's own callback, so a relayed token wakes no task at all.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -26,7 +25,7 @@ from fastpath.http1 import parse_reply_head
 
 from .errors import GatewayTimeout, UpstreamStalled
 from .http1 import post_head
-from .http_upstream import HttpPool, UpstreamConnectFailed, UpstreamConnectionError
+from .http_upstream import UpstreamConnectFailed, UpstreamConnectionError
 
 _MAX_HEAD_BYTES = 64 * 1024
 # Idle connections kept per backend; more streams than this at once close theirs at the end.
@@ -137,24 +136,6 @@ class StreamPool:
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.transport.close()
-
-
-# One StreamPool per backend, living as long as its unary pool (the backend's HttpPool).
-_POOLS: weakref.WeakKeyDictionary[HttpPool, StreamPool] = weakref.WeakKeyDictionary()
-
-
-def stream_pool(http: HttpPool) -> StreamPool:
-    """The stream connections of the backend whose HTTP endpoint ``http`` serves."""
-    pool = _POOLS.get(http)
-    if pool is None:
-        pool = _POOLS[http] = StreamPool(http.target)
-    return pool
-
-
-def close_stream_pools() -> None:
-    """Close every backend's idle stream connections (the gateway is stopping)."""
-    for pool in list(_POOLS.values()):
-        pool.close()
 
 
 class SseStream(asyncio.Protocol):

@@ -40,7 +40,7 @@ from ..forward import (
     stream_replies,
 )
 from ..http_generate import event_payload, generate_events, relay
-from ..http_stream import SseStream, close_stream_pools
+from ..http_stream import SseStream
 from ..http_upstream import UpstreamConnectionError
 from ..metrics import NONE
 from ..openai_profiles import (
@@ -96,12 +96,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    app.on_cleanup.append(_close_stream_connections)
-
-
-async def _close_stream_connections(app: web.Application) -> None:
-    # The idle connections of both surfaces' streams (/v1 here, /v2 generate_stream).
-    close_stream_pools()
 
 
 def _json(value: Any) -> web.Response:
