@@ -28,7 +28,7 @@ from fastpath.state import INFLIGHT, READY
 
 from .config import BackendSpec, GatewayConfig
 from .discovery import DnsDiscovery, system_resolver
-from .errors import NotFound, Unavailable
+from .errors import ModelGone, NotFound, Unavailable
 from .fleet_state import FleetState
 from .http_stream import StreamPool
 from .http_upstream import HttpPool
@@ -469,10 +469,16 @@ class Fleet:
         return self.by_id[self.state.slot_keys[slot][0]]
 
     def model_info(self, backend: Backend, model: str, version: str = "") -> ModelInfo:
-        versions = backend.models[model]
-        if version:
-            return versions[version]
-        return versions[max(versions, key=_version_key)]
+        """The model's (newest ready) version on ``backend``; ModelGone when discovery
+        saw it go after the request was ranked (failover then tries the next backend)."""
+        versions = backend.models.get(model, {})
+        info = versions.get(version) if version else None
+        if not version and versions:
+            info = versions[max(versions, key=_version_key)]
+        if info is None:
+            label = f"'{model}' version {version}" if version else f"'{model}'"
+            raise ModelGone(f"backend {backend.id} no longer has model {label} ready")
+        return info
 
     def _unroutable(self, model: str, version: str) -> NotFound | Unavailable:
         # "Unknown" needs every backend's word for it; an unreachable one might serve it.
