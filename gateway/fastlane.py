@@ -7,7 +7,7 @@ middlewares and handler aiohttp would run, on a ``FrontRequest`` that offers the
 of aiohttp's ``Request`` they use (headers, path, app, per-request keys, ``read``).
 
 Which requests: only unambiguous ones on the routes in ``HOT_ROUTES`` (answered with a
-``web.Response``, or streamed through ``FrontRequest.open_stream``, see gateway/sse.py):
+``web.Response``, or streamed through ``FrontRequest.start_stream``, see gateway/sse.py):
 HTTP/1.1, a head within ``max_header_bytes``, a plain ``Content-Length`` body within
 ``max_body_bytes`` (no Transfer-Encoding, Expect, Upgrade or Content-Encoding), a path
 without percent-escapes or dot segments. Any other request hands its connection, with
@@ -124,13 +124,18 @@ class FrontRequest:
         # A buffer, not always bytes: every reader of a body here takes any buffer.
         return cast(bytes, self._body)
 
-    async def open_stream(self, headers: dict[str, str]) -> FrontStreamResponse:
-        """Start a streamed (chunked) 200 answer written straight to the connection."""
+    async def prepare_stream(self, headers: dict[str, str]) -> FrontStreamResponse:
+        """A streamed (chunked) 200 answer, its head final but not sent: nothing is
+        committed until ``start_stream``, so it can be made ahead of need."""
         response = FrontStreamResponse(self.transport, headers)
         await self.app.on_response_prepare.send(cast(web.Request, self), response)
+        response.render_head()
+        return response
+
+    def start_stream(self, response: FrontStreamResponse) -> None:
+        """Send the prepared answer's head; its chunks follow on the connection."""
         response.send_head()
         self.stream = response
-        return response
 
 
 class FrontStreamResponse(web.StreamResponse):
@@ -140,10 +145,14 @@ class FrontStreamResponse(web.StreamResponse):
     def __init__(self, transport: asyncio.Transport, headers: dict[str, str]) -> None:
         super().__init__(status=200, headers=headers)
         self._transport = transport
+        self._head = b""
         self._ended = False
 
+    def render_head(self) -> None:
+        self._head = _head(self, b"Transfer-Encoding: chunked\r\n")
+
     def send_head(self) -> None:
-        self._transport.write(_head(self, b"Transfer-Encoding: chunked\r\n"))
+        self._transport.write(self._head)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.write_chunk(data)

@@ -370,13 +370,15 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         return live[0]
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
+        opener = sse.StreamOpener(request)
         first, rest = await open_stream(lease, events_for, timeouts.total)
-        lease.first_response()
         try:
-            response = await sse.open_stream(request)
+            response = await opener.open()
             event, payload = first
-            lease.count_tokens(_tokens_so_far(payload, 1))
             await response.write(event)
+            # Recorded once the client has its first token: its bookkeeping waits.
+            lease.first_response()
+            lease.count_tokens(_tokens_so_far(payload, 1))
             if live_http and isinstance(response, FrontStreamResponse):
                 await _relay(live_http[0], response, lease)
             else:

@@ -333,13 +333,14 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         return live[0]
 
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
+        opener = sse.StreamOpener(request) if call.stream else None
         first, rest = await open_stream(lease, replies_for, timeouts.total)
-        lease.first_response()
         reader = _MeteredReader(lease)
         try:
-            if call.stream:
+            if opener is not None:
                 relayed = live_http[0] if live_http else None
-                return await _stream(request, chunks, sampling, reader, first, rest, lease, relayed)
+                return await _stream(opener, chunks, sampling, reader, first, rest, lease, relayed)
+            lease.first_response()
             reader.read(first)
             await _read_all(rest, reader)
             reader.flush()
@@ -374,7 +375,7 @@ async def _read_all(replies: AsyncGenerator[Any, None], reader: ReplyReader) -> 
 
 
 async def _stream(
-    request: web.Request,
+    opener: sse.StreamOpener,
     chunks: _Chunks,
     sampling: Sampling,
     reader: ReplyReader,
@@ -387,8 +388,9 @@ async def _stream(
     written from its connection's callback (gateway/http_generate.py). After the headers
     are sent an error can only be told in-band: an ``error`` event, and no ``[DONE]``, so
     the client cannot take the cut stream for a complete one."""
-    response = await sse.open_stream(request)
+    response = await opener.open()
     await sse.send_json(response, chunks.delta(reader.read(first), first=True))
+    lease.first_response()  # once the client has its first token: the bookkeeping waits
     try:
         if live_http is not None and isinstance(response, FrontStreamResponse):
             await _relay(live_http, response, chunks, reader, lease)

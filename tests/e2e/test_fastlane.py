@@ -281,13 +281,18 @@ def test_a_content_type_triton_chokes_on_neither_fails_nor_ejects(
 
 def test_a_stream_is_the_same_on_both_fronts(gateway: Gateway) -> None:
     """generate_stream relayed on the fast lane and served by aiohttp (after a hand-over)
-    carry the same events, token by token (a seeded generation), and the connection
-    stays usable after either."""
+    carry the same events, token by token (a seeded generation) and the same headers
+    (the fast lane makes its head while Triton works), and the connection stays usable
+    after either."""
     body = json.dumps(
         {"text_input": "We hold these truths", "max_tokens": 12, "seed": 7, "stream": True}
     ).encode()
+    request_id = "stream-head-check"
     raw = _request(
-        "POST", "/v2/models/tiny_lm/generate_stream", body, {"Content-Type": "application/json"}
+        "POST",
+        "/v2/models/tiny_lm/generate_stream",
+        body,
+        {"Content-Type": "application/json", "X-Request-Id": request_id},
     )
     answers = {}
     for front in ("fast lane", "aiohttp"):
@@ -300,6 +305,8 @@ def test_a_stream_is_the_same_on_both_fronts(gateway: Gateway) -> None:
             status, headers, events = reader.chunked_response()
             assert status == 200 and headers["content-type"].startswith("text/event-stream")
             assert ("server" in headers) == (front == "aiohttp")
+            assert headers["x-request-id"] == request_id  # from on_response_prepare
+            assert headers["cache-control"] == "no-cache"
             sock.sendall(_request("GET", "/v2/health/ready"))
             assert reader.response()[0] == 200
         answers[front] = [
