@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import grpc
 from aiohttp import web
@@ -202,7 +202,7 @@ async def stream_replies(
 
 async def open_stream(
     lease: Lease, replies_for: Callable[[Backend], AsyncGenerator[T, None]], timeout: float
-) -> tuple[T, AsyncGenerator[T, None]]:
+) -> tuple[T, StreamRest[T]]:
     """Start a stream (``replies_for`` a backend) with failover until its first reply
     (nothing has reached the client before it), within the request's ``timeout``.
     Returns that reply and the rest; the caller must ``aclose`` the rest, which ends
@@ -220,24 +220,34 @@ async def open_stream(
             raise
 
     first, rest = await with_failover(lease, first_reply, timeout)
-    return first, _reporting_failures(lease, rest)
+    return first, StreamRest(lease, rest)
 
 
-async def _reporting_failures(
-    lease: Lease, replies: AsyncGenerator[Any, None]
-) -> AsyncGenerator[Any, None]:
-    """The rest of a stream; a backend failure after the first reply still counts
-    against the backend (outlier ejection), though nothing can be retried then."""
-    try:
-        async for reply in replies:
-            lease.token()
-            yield reply
-    except grpc.aio.AioRpcError as exc:
-        if is_connection_failure(exc):
-            lease.backend_failed()
-        raise
-    except (UpstreamStalled, UpstreamConnectionError):
-        lease.backend_failed()
-        raise
-    finally:
-        await replies.aclose()
+class StreamRest(Generic[T]):
+    """The rest of a stream after its first reply. A backend failure from here on
+    still counts against the backend (outlier ejection), though nothing can be retried.
+    ``aclose`` ends the upstream replies whether or not they were iterated: the fast
+    lane relays an HTTP stream from its connection and never iterates them."""
+
+    def __init__(self, lease: Lease, replies: AsyncGenerator[T, None]) -> None:
+        self._lease = lease
+        self._replies = replies
+
+    def __aiter__(self) -> StreamRest[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            reply = await anext(self._replies)
+        except grpc.aio.AioRpcError as exc:
+            if is_connection_failure(exc):
+                self._lease.backend_failed()
+            raise
+        except (UpstreamStalled, UpstreamConnectionError):
+            self._lease.backend_failed()
+            raise
+        self._lease.token()
+        return reply
+
+    async def aclose(self) -> None:
+        await self._replies.aclose()

@@ -343,14 +343,12 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     deadline = asyncio.get_running_loop().time() + timeouts.total
 
     live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
-    live: list[AsyncGenerator[Event, None]] = []  # the live attempt's events
 
     def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
         live_http.clear()
-        live.clear()
         if backend.http is not None:
             trace = lease.trail.metadata
-            events = generate_events(
+            return generate_events(
                 backend,
                 request.raw_path,
                 raw,
@@ -362,12 +360,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                 # answers some faults with 500s), once it is sent: while Triton works.
                 check=lambda: gen.wire_for(backend),
             )
-            live.append(events)
-        else:
-            wire = gen.wire_for(backend)
-            replies = stream_replies(backend, wire, timeouts, lease.trail.metadata)
-            live.append(_grpc_events(replies))
-        return live[0]
+        wire = gen.wire_for(backend)
+        return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
         opener = sse.StreamOpener(request)
@@ -397,10 +391,6 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             await sse.send_json(response, {"error": failure_after_answer(exc).message})
         finally:
             await rest.aclose()
-            # Relayed, ``rest`` never ran, so closing it did not end the attempt's own
-            # events: end them now (an HTTP stream read to its end keeps its
-            # connection), not when the garbage collector finalizes them.
-            await live[0].aclose()
     await response.write_eof()
     return response
 

@@ -32,6 +32,7 @@ from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import (
+    StreamRest,
     admit,
     check_max_tokens,
     failure_after_answer,
@@ -310,11 +311,9 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
     live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
-    live: list[AsyncGenerator[Any, None]] = []  # the live attempt's replies
 
     def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
         live_http.clear()
-        live.clear()
         info = fleet.model_info(backend, call.model)
         body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
         trace = lease.trail.metadata
@@ -323,14 +322,12 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         # the end, while a cancelled gRPC call stops the model at its next token.
         if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
-            live.append(stream_replies(backend, wire, timeouts, trace))
-        else:
-            path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
-            events = generate_events(
-                backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
-            )
-            live.append(_payloads(events))
-        return live[0]
+            return stream_replies(backend, wire, timeouts, trace)
+        path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
+        events = generate_events(
+            backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
+        )
+        return _payloads(events)
 
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
         opener = sse.StreamOpener(request) if call.stream else None
@@ -349,10 +346,6 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             return _json(chunks.whole(reader.text, reason, usage))
         finally:
             await rest.aclose()
-            # Relayed, ``rest`` never ran, so closing it did not end the attempt's own
-            # replies: end them now (an HTTP stream read to its end keeps its
-            # connection), not when the garbage collector finalizes them.
-            await live[0].aclose()
 
 
 async def _payloads(
@@ -366,7 +359,7 @@ async def _payloads(
         await events.aclose()
 
 
-async def _read_all(replies: AsyncGenerator[Any, None], reader: ReplyReader) -> None:
+async def _read_all(replies: StreamRest[Any], reader: ReplyReader) -> None:
     try:
         async for reply in replies:
             reader.read(reply)
@@ -380,7 +373,7 @@ async def _stream(
     sampling: Sampling,
     reader: ReplyReader,
     first: Any,
-    rest: AsyncGenerator[Any, None],
+    rest: StreamRest[Any],
     lease: Lease,
     live_http: SseStream | None,
 ) -> web.StreamResponse:
