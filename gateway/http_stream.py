@@ -25,7 +25,7 @@ from fastpath.http1 import parse_reply_head
 
 from .errors import GatewayTimeout, UpstreamStalled
 from .http1 import post_head
-from .http_upstream import UpstreamConnectFailed, UpstreamConnectionError
+from .http_upstream import HttpEndpoint, UpstreamConnectionError
 
 _MAX_HEAD_BYTES = 64 * 1024
 # Idle connections kept per backend; more streams than this at once close theirs at the end.
@@ -68,11 +68,7 @@ class StreamPool:
     ``max_idle`` wait idle."""
 
     def __init__(self, target: str, max_idle: int = MAX_IDLE_STREAM_CONNECTIONS) -> None:
-        self.target = target  # host:port
-        host, _, port = target.rpartition(":")
-        self._host = host
-        self._port = int(port)
-        self._host_header = target.encode()
+        self.endpoint = HttpEndpoint(target)
         self._max_idle = max_idle
         self._idle: list[_IdleConnection] = []
 
@@ -88,7 +84,7 @@ class StreamPool:
         """POST ``body`` to ``path`` and return the stream once its request is sent;
         ``head()`` then waits for Triton's answer."""
         stream = SseStream(label, idle, deadline, self)
-        stream.request = (post_head(self._host_header, path, headers, len(body)), body)
+        stream.request = (post_head(self.endpoint.host_header, path, headers, len(body)), body)
         while self._idle:
             connection = self._idle.pop()
             transport = connection.transport
@@ -103,13 +99,9 @@ class StreamPool:
 
     async def connect(self, stream: SseStream) -> None:
         """A new connection for ``stream``, its request sent."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: stream, self._host, self._port)
-        except OSError as exc:
-            stream.close()
-            raise UpstreamConnectFailed(f"cannot connect to {self.target}: {exc}") from None
-        except BaseException:  # cancelled: the stream's timers go with it
+            await self.endpoint.connect(lambda: stream)
+        except BaseException:  # unreachable or cancelled: the stream's timers go with it
             stream.close()
             raise
         stream.send_request()

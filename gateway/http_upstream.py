@@ -14,9 +14,9 @@ Only what Triton's HTTP server sends is supported: replies with Content-Length.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from fastpath.http1 import parse_reply_head
 
@@ -165,16 +165,38 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class HttpEndpoint:
+    """A Triton HTTP endpoint, ``host:port``: its Host header, and new connections to it
+    (one place that says what an unreachable backend is, for both pools)."""
+
+    __slots__ = ("host", "host_header", "port", "target")
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        host, _, port = target.rpartition(":")
+        self.host = host
+        self.port = int(port)
+        self.host_header = target.encode()
+
+    async def connect(self, protocol_factory: Callable[[], P]) -> P:
+        """A new connection; a refused or unreachable one is ``UpstreamConnectFailed``."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await loop.create_connection(protocol_factory, self.host, self.port)
+        except OSError as exc:
+            raise UpstreamConnectFailed(f"cannot connect to {self.target}: {exc}") from None
+        return protocol
+
+
 class HttpPool:
     """Keep-alive connections to one Triton HTTP endpoint, at most ``max_connections``
     (requests beyond wait; admission bounds how many can wait)."""
 
     def __init__(self, target: str, max_connections: int = 64) -> None:
-        self.target = target  # host:port
-        host, _, port = target.rpartition(":")
-        self._host = host
-        self._port = int(port)
-        self._host_header = target.encode()
+        self.endpoint = HttpEndpoint(target)
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         # Exchanges under way and their deadlines (loop time), watched by one timer set
@@ -188,7 +210,7 @@ class HttpPool:
     async def post(
         self, path: str, headers: Sequence[tuple[str, str]], body: bytes | bytearray, timeout: float
     ) -> HttpReply:
-        head = post_head(self._host_header, path, headers, len(body))
+        head = post_head(self.endpoint.host_header, path, headers, len(body))
         async with self._slots:
             reused = self._idle_connection()
             if reused is not None:
@@ -196,7 +218,8 @@ class HttpPool:
                     return await self._exchange(reused, head, body, timeout)
                 except UpstreamConnectionError:
                     pass  # Triton closed an idle keep-alive connection: use a fresh one
-            return await self._exchange(await self._connect(), head, body, timeout)
+            connection = await self.endpoint.connect(_Connection)
+            return await self._exchange(connection, head, body, timeout)
 
     def _idle_connection(self) -> _Connection | None:
         while self._idle:
@@ -204,16 +227,6 @@ class HttpPool:
             if not connection.closed:
                 return connection
         return None
-
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(_Connection, self._host, self._port)
-        except OSError as exc:
-            raise UpstreamConnectFailed(
-                f"cannot connect to {self._host}:{self._port}: {exc}"
-            ) from None
-        return connection
 
     async def _exchange(
         self, connection: _Connection, head: bytes, body: bytes | bytearray, timeout: float

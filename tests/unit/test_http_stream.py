@@ -297,7 +297,7 @@ async def test_refusals_raise_and_close(triton: tuple[FakeTriton, StreamPool]) -
 
 async def test_the_idle_pool_is_bounded(triton: tuple[FakeTriton, StreamPool]) -> None:
     fake, pool = triton
-    pool = StreamPool(pool.target, max_idle=2)
+    pool = StreamPool(pool.endpoint.target, max_idle=2)
     streams = [await open_stream(pool) for _ in range(4)]
     for stream in streams:
         assert await read_all(stream) == EVENTS

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.http_upstream import HttpPool, UpstreamConnectionError
+from gateway.http_upstream import HttpPool, UpstreamConnectFailed
 from tests.conftest import free_port
 
 
@@ -96,9 +96,10 @@ async def test_idle_connection_closed_by_server_is_replaced(server: tuple[EchoSe
     pool.close()
 
 
-async def test_refused_connection_is_an_upstream_connection_error() -> None:
+async def test_refused_connection_is_a_connect_failure() -> None:
+    """Not reached at all (failover counts it as unreachable, not as failed mid-call)."""
     pool = HttpPool(f"127.0.0.1:{free_port()}")
-    with pytest.raises(UpstreamConnectionError):
+    with pytest.raises(UpstreamConnectFailed, match=r"cannot connect to 127\.0\.0\.1:"):
         await pool.post("/p", [], b"x", 5)
 
 
