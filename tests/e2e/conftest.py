@@ -91,6 +91,16 @@ def total_inflight(view: dict[str, Any]) -> float:
     return admitted + dispatched
 
 
+# How a gateway reaches a backend: over Triton's HTTP endpoint where it can (the
+# backend URL names it), or over gRPC alone. Fixtures parametrised over both use these.
+UPSTREAMS = ("http", "grpc")
+
+
+def backend_over(server: TritonServer, upstream: str) -> str:
+    """``server`` as a ``--backend`` URL whose calls go over ``upstream`` (UPSTREAMS)."""
+    return server.backend_url if upstream == "http" else f"grpc://{server.grpc_url}"
+
+
 def start_gateway(
     backends: list[str], log_path: Path, *extra: str, env: dict[str, str] | None = None
 ) -> Gateway:

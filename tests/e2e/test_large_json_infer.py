@@ -13,19 +13,25 @@ import aiohttp
 import pytest
 
 from gateway.local_triton import TritonFleet
-from tests.e2e.conftest import Gateway, start_gateway, stop_gateway, wait_model_ready
+from tests.e2e.conftest import (
+    UPSTREAMS,
+    Gateway,
+    backend_over,
+    start_gateway,
+    stop_gateway,
+    wait_model_ready,
+)
 
 JSON = {"Content-Type": "application/json"}
 # Over the size above which bodies are checked elided, with strings longer than elided.
 TEXTS = ["é" + "a" * 300_000, "short", 'quote " and \\ backslash ' * 40, "x" * 257]
 
 
-@pytest.fixture(scope="module", params=["http", "grpc"])
+@pytest.fixture(scope="module", params=UPSTREAMS)
 def any_gateway(
     triton_fleet: TritonFleet, run_dir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Gateway]:
-    server = triton_fleet.servers[0]
-    backend = server.backend_url if request.param == "http" else f"grpc://{server.grpc_url}"
+    backend = backend_over(triton_fleet.servers[0], request.param)
     gw = start_gateway([backend], run_dir / f"large-json-{request.param}.log")
     try:
         wait_model_ready(gw.url, "tokenize", time.monotonic() + 60)

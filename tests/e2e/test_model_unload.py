@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from gateway.local_triton import TritonFleet
-from tests.e2e.conftest import Gateway, admin_fleet, dedicated_fleet, start_gateway, stop_gateway
+from tests.e2e.conftest import (
+    UPSTREAMS,
+    Gateway,
+    admin_fleet,
+    backend_over,
+    dedicated_fleet,
+    start_gateway,
+    stop_gateway,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,12 +41,11 @@ def fleet(run_dir: Path) -> Iterator[TritonFleet]:
         yield fleet
 
 
-@pytest.fixture(scope="module", params=["grpc", "http"])
+@pytest.fixture(scope="module", params=UPSTREAMS)
 def gateway(request: pytest.FixtureRequest, fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
     """A gateway that would not notice the unload by itself for a minute: both the
     discovery and the metrics scrape are slow, so only the retry can save requests."""
-    http = request.param == "http"
-    backends = [s.backend_url if http else f"grpc://{s.grpc_url}" for s in fleet.servers]
+    backends = [backend_over(s, request.param) for s in fleet.servers]
     gw = start_gateway(
         backends,
         run_dir / f"unload-gateway-{request.param}.log",

@@ -11,7 +11,14 @@ import aiohttp
 import pytest
 
 from gateway.local_triton import TritonFleet, find_free_port_base
-from tests.e2e.conftest import MODEL_REPOSITORY, Gateway, start_gateway, stop_gateway
+from tests.e2e.conftest import (
+    MODEL_REPOSITORY,
+    UPSTREAMS,
+    Gateway,
+    backend_over,
+    start_gateway,
+    stop_gateway,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,14 +45,12 @@ def slow_fleet(run_dir: Path) -> Iterator[TritonFleet]:
 
 
 # Streams go over Triton's HTTP endpoint when the backend names one, else over gRPC.
-@pytest.fixture(scope="module", params=["http", "grpc"])
+@pytest.fixture(scope="module", params=UPSTREAMS)
 def slow_gateway(
     slow_fleet: TritonFleet, run_dir: Path, request: pytest.FixtureRequest
 ) -> Iterator[Gateway]:
-    server = slow_fleet.servers[0]
-    backend = server.backend_url if request.param == "http" else f"grpc://{server.grpc_url}"
     gw = start_gateway(
-        [backend],
+        [backend_over(slow_fleet.servers[0], request.param)],
         run_dir / f"slow-gateway-{request.param}.log",
         "--stream-idle-timeout",
         str(IDLE_TIMEOUT_S),
