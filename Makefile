@@ -1,5 +1,12 @@
 # meshgate: `make run` sets up and starts a local fleet + gateway; `make test` runs the suite.
 PYTHON ?= python3
+# The gateway's own venv (.venv) runs on the system's CPython when it is 3.11+ with venv
+# support: distro builds (Debian's, like the official Docker images') are compiled with
+# PGO and LTO into a static binary; a default source build (pyenv's: no PGO, a shared
+# libpython) cost ~15% more gateway CPU per request here (bench/README.md). The Triton
+# and LiteLLM venvs keep $(PYTHON).
+SYSTEM_PYTHON := $(shell /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3)
+GATEWAY_PYTHON ?= $(or $(SYSTEM_PYTHON),$(PYTHON))
 VENV := .venv
 TRITON_VENV := .venv-triton
 LITELLM_VENV := .venv-litellm
@@ -15,7 +22,7 @@ triton-venv: $(TRITON_VENV)/.installed
 litellm-venv: $(LITELLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(GATEWAY_PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
