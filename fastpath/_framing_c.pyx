@@ -16,7 +16,7 @@ from cpython.bytes cimport (
 )
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.exc cimport PyErr_Clear
-from cpython.unicode cimport PyUnicode_Check
+from cpython.unicode cimport PyUnicode_Check, PyUnicode_CheckExact
 from libc.stdint cimport uint32_t
 from libc.string cimport memchr, memcpy
 
@@ -87,6 +87,9 @@ def slice_binary_inputs(tail, sizes):
 
 
 cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object text)
+    void* PyUnicode_DATA(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
     # Declared without an exception clause: a NULL result (exception set) is handled here,
     # so the per-element loop needs no try block.
     const char* _utf8_or_null "PyUnicode_AsUTF8AndSize"(object text, Py_ssize_t* length)
@@ -110,7 +113,13 @@ cdef object _element_error(object item, Py_ssize_t index):
 cdef inline const char* _element(object item, Py_ssize_t index, Py_ssize_t* length) except NULL:
     """Pointer to and length of the encoded bytes of one BYTES element (no copy)."""
     cdef const char* data = NULL
-    if PyBytes_Check(item):
+    if PyUnicode_CheckExact(item) and PyUnicode_IS_COMPACT_ASCII(item):
+        # The common case (JSON strings, token text), read in place: its characters
+        # are its UTF-8 bytes and no length exceeds the 4-byte limit here in practice
+        # (checked below all the same).
+        data = <const char*>PyUnicode_DATA(item)
+        length[0] = PyUnicode_GET_LENGTH(item)
+    elif PyBytes_Check(item):
         data = PyBytes_AS_STRING(item)
         length[0] = PyBytes_GET_SIZE(item)
     elif PyUnicode_Check(item):
