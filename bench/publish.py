@@ -40,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 import timeit
 import urllib.request
@@ -810,6 +809,13 @@ def plot_all(
 # ------------------------------------------------------------------ setup and report
 
 
+def libpython_linkage() -> str:
+    """Whether this interpreter runs from a shared libpython (a default source build) or
+    has it linked in (distro and Docker builds): read from what the process mapped."""
+    with open("/proc/self/maps") as maps:
+        return "shared" if "libpython" in maps.read() else "static"
+
+
 def versions(triton: TritonServer, litellm: str | None) -> dict[str, str | None]:
     def package(name: str) -> str | None:
         try:
@@ -824,7 +830,7 @@ def versions(triton: TritonServer, litellm: str | None) -> dict[str, str | None]
         # Which build of it: a static, PGO-built binary runs the gateway ~15% cheaper
         # than a default source build with a shared libpython (bench/README.md).
         "python_binary": os.path.realpath(sys.executable),
-        "libpython": "shared" if sysconfig.get_config_var("Py_ENABLE_SHARED") else "static",
+        "libpython": libpython_linkage(),
         "tritonserver": triton_version,
         "nginx": nginx_version(),
         "litellm": litellm,
