@@ -158,7 +158,7 @@ class Metrics:
         )  # fmt: skip
         self.ttft = FastHistogram(
             "meshgate_time_to_first_token_seconds",
-            "From request arrival to the first upstream response.",
+            "From request arrival to the first response (a stream's: once written to the client).",
             SERIES, buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inter_token = FastHistogram(
