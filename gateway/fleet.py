@@ -319,10 +319,15 @@ class Fleet:
     # -- discovery --------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """One discovery pass over every backend, then mark each slot READY or not."""
-        await asyncio.gather(*(self._refresh_backend(b) for b in self.backends))
-        for backend in self.backends:
-            self._mark_slots(backend)
+        """One discovery pass over every backend, each backend's slots marked READY or
+        not as soon as its own answer (or failure) is in: its models and its slots
+        change together, never a slot READY on a backend whose models are gone while
+        a slower backend is still being asked."""
+        await asyncio.gather(*(self._refresh_and_mark(b) for b in self.backends))
+
+    async def _refresh_and_mark(self, backend: Backend) -> None:
+        await self._refresh_backend(backend)
+        self._mark_slots(backend)
 
     def _mark_slots(self, backend: Backend) -> None:
         for name in backend.known_models:

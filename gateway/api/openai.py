@@ -28,7 +28,7 @@ from .. import kserve_codec as codec
 from .. import sse
 from ..chat_template import ChatTemplate, template_messages
 from ..config import GatewayConfig
-from ..errors import BadRequest, GatewayError, ModelNotFound, NotFound
+from ..errors import BadRequest, GatewayError, ModelGone, ModelNotFound, NotFound, Unavailable
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import (
@@ -135,7 +135,15 @@ def _check_text_model(fleet: Fleet, model: str) -> None:
         backends = fleet.ready_backends(model)
     except NotFound:
         raise ModelNotFound(f"The model '{model}' does not exist") from None
-    if not is_text_model(fleet.model_info(backends[0], model)):
+    for backend in backends:
+        try:
+            info = fleet.model_info(backend, model)
+            break
+        except ModelGone:
+            continue  # discovery saw it go there since its slot was marked READY
+    else:
+        raise Unavailable(f"no backend has model '{model}' ready")
+    if not is_text_model(info):
         raise ModelNotFound(
             f"model '{model}' is not a text model (it needs a BYTES input 'text_input'"
             " and an output 'text_output')"
