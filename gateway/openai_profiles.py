@@ -197,15 +197,9 @@ class ReplyReader:
             if name == TEXT_OUTPUT:
                 text = self._decode(value)
             elif name == "finish_reason":
-                reason = value.decode("utf-8", "replace")
-                if reason and reason != "None":
-                    self.finish_reason = reason
-            elif name in ("prompt_tokens", "num_input_tokens"):
-                self.prompt_tokens = value
-            elif name == "completion_tokens":
-                self.completion_tokens = value
-            elif name == "num_output_tokens":
-                self.completion_tokens = (self.completion_tokens or 0) + value
+                self._record_finish(value.decode("utf-8", "replace"))
+            else:
+                self._record_count(name, value)
         self._texts.append(text)
         return text
 
@@ -230,21 +224,27 @@ class ReplyReader:
                 value = _joined_text("finish_reason", value)
             if not value.isascii():
                 value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            if value and value != "None":
-                self.finish_reason = value
+            self._record_finish(value)
         for name in _COUNT_OUTPUTS:
             count = payload.get(name)
             if count is not None:
-                if type(count) is not int:
-                    count = _one_integer(name, count)
-                if name == "num_output_tokens":
-                    self.completion_tokens = (self.completion_tokens or 0) + count
-                elif name == "completion_tokens":
-                    self.completion_tokens = count
-                else:
-                    self.prompt_tokens = count
+                self._record_count(name, count if type(count) is int else _one_integer(name, count))
         self._texts.append(text)
         return text
+
+    def _record_finish(self, reason: str) -> None:
+        if reason and reason != "None":  # empty or "None" until the end
+            self.finish_reason = reason
+
+    def _record_count(self, name: str, count: int) -> None:
+        """One of ``_COUNT_OUTPUTS``: running totals, except vLLM's per-response
+        ``num_output_tokens``, which is summed."""
+        if name == "num_output_tokens":
+            self.completion_tokens = (self.completion_tokens or 0) + count
+        elif name == "completion_tokens":
+            self.completion_tokens = count
+        else:
+            self.prompt_tokens = count
 
     def _decode(self, data: bytes) -> str:
         text = self._decoder.decode(data)
