@@ -374,7 +374,7 @@ def microbenchmarks() -> dict[str, dict[str, Any]]:
 
     from bench import test_bench_decisions as decisions
     from bench import test_bench_framing as framing_bench
-    from fastpath import admission, framing, grpc_wire, scoring
+    from fastpath import admission, framing, grpc_wire, infer_request, scoring
     from fastpath import state as S
 
     strings, encoded = framing_bench.STRINGS, framing_bench.ENCODED_STRINGS
@@ -422,6 +422,11 @@ def microbenchmarks() -> dict[str, dict[str, Any]]:
                 framing_bench.RESPONSE
             ),
             "protobuf": lambda: framing_bench._decode_with_protobuf(framing_bench.RESPONSE),
+        },
+        "infer request check, binary 1x384 FP32": {
+            "compiled": infer_request.infer_request_c
+            and (lambda: framing_bench.check_infer_with(infer_request.infer_request_c)),
+            "pure Python": lambda: framing_bench.check_infer_with(infer_request.infer_request_py),
         },
         "scoring (hybrid), 64 backends": {
             "compiled": scoring.scoring_c and rank(scoring.scoring_c),

@@ -13,7 +13,8 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from fastpath import framing, grpc_wire
+from fastpath import framing, grpc_wire, infer_request
+from gateway.tensors import json_to_raw
 
 STRINGS = [f"token-{i}" for i in range(10_000)]
 STRINGS_ARRAY = np.array(STRINGS, dtype=np.object_)
@@ -128,3 +129,32 @@ def _decode_with_protobuf(blob: bytes) -> tuple[Any, ...]:
 @pytest.mark.benchmark(group="decode_infer_response 1x128 FP32")
 def test_decode_infer_response_protobuf(benchmark: BenchmarkFixture) -> None:
     assert benchmark(_decode_with_protobuf, RESPONSE)[3] == OUTPUT.tobytes()
+
+
+# ---------------------------------------------------------------------- infer request check
+
+INFER_CHECK = _twins(infer_request.infer_request_py, infer_request.infer_request_c)
+# The JSON header of a binary 1x384 FP32 infer (what bench/measure.py sends), decoded.
+INFER_HEADER = {
+    "inputs": [
+        {
+            "name": "INPUT",
+            "datatype": "FP32",
+            "shape": [1, 384],
+            "parameters": {"binary_data_size": INPUT.nbytes},
+        }
+    ],
+    "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": True}}],
+}
+INFER_TAIL = memoryview(INPUT.tobytes())
+
+
+def check_infer_with(impl: Any) -> tuple[Any, ...]:
+    return impl.parse_infer_request(INFER_HEADER, INFER_TAIL, json_to_raw)  # type: ignore[no-any-return]
+
+
+@pytest.mark.benchmark(group="parse_infer_request 1x384 FP32 binary")
+@pytest.mark.parametrize("impl", INFER_CHECK)
+def test_parse_infer_request(benchmark: BenchmarkFixture, impl: Any) -> None:
+    inputs = benchmark(check_infer_with, impl)[2]
+    assert inputs == [("INPUT", "FP32", [1, 384], None)]

@@ -12,17 +12,12 @@ from typing import Any
 
 import orjson
 
-from fastpath import framing, grpc_wire
+from fastpath import framing, grpc_wire, infer_request
 from fastpath.errors import FramingError
 
 from .errors import BadRequest
 from .fleet import ModelInfo
-from .tensors import check_datatype, check_shape, json_to_raw, raw_to_json, scalar_to_raw
-
-_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-# The JSON types a parameter may have, checked by type first (isinstance is the slow way).
-_PARAMETER_TYPES = frozenset({bool, int, float, str})
-
+from .tensors import json_to_raw, raw_to_json, scalar_to_raw
 
 # JSON infer bodies larger than this are checked with their strings longer than
 # ELIDED_STRING_BYTES elided (check_infer).
@@ -103,55 +98,11 @@ def check_infer(body: bytes, header_length: str | None) -> ParsedInfer:
 
 def parse_infer(header: dict[str, Any], tail: memoryview) -> ParsedInfer:
     """Validate an infer request (JSON header + binary tail); 400 on any fault."""
-    request_params = _params(header.get("parameters"), "request")
-    binary_default = _flag(request_params.pop("binary_data_output", False), "binary_data_output")
-    inputs_json = header.get("inputs")
-    if not isinstance(inputs_json, list) or not inputs_json:
-        raise BadRequest("the request must have a non-empty 'inputs' array")
-
-    inputs: list[tuple[str, str, list[int], dict[str, Any] | None]] = []
-    raws: list[Any] = []
-    binary_sizes: list[int] = []
-    binary_slots: list[int] = []
-    for i, tensor in enumerate(inputs_json):
-        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise BadRequest(f"inputs[{i}] must be an object with a string 'name'")
-        name = tensor["name"]
-        datatype = check_datatype(name, tensor.get("datatype"))
-        shape = check_shape(name, tensor.get("shape"))
-        params = _params(tensor.get("parameters"), f"input '{name}'")
-        _refuse_shared_memory(params, name)
-        size = params.pop("binary_data_size", None)
-        if size is not None:
-            if type(size) is not int or size < 0:
-                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
-            if "data" in tensor:
-                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
-            binary_sizes.append(size)
-            binary_slots.append(i)
-            raws.append(None)
-        elif "data" in tensor:
-            # Checked here, not left to Triton: it answers 500 for data that does not
-            # match the shape (a client's fault).
-            raws.append(json_to_raw(name, datatype, shape, tensor["data"]))
-        else:
-            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-        inputs.append((name, datatype, shape, params or None))
-
     try:
-        slices = framing.slice_binary_inputs(tail, binary_sizes)
+        fields = infer_request.parse_infer_request(header, tail, json_to_raw)
     except FramingError as exc:
         raise BadRequest(str(exc)) from None
-    for slot, piece in zip(binary_slots, slices, strict=True):
-        raws[slot] = piece
-
-    outputs, binary_outputs = _requested_outputs(header.get("outputs"))
-    request_id = header.get("id", "")
-    if not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string")
-    return ParsedInfer(
-        request_id, request_params, inputs, raws, outputs, binary_default, binary_outputs
-    )
+    return ParsedInfer(*fields)
 
 
 def encode_infer(model: str, version: str, parsed: ParsedInfer) -> InferCall:
@@ -223,17 +174,17 @@ def encode_generate(model: str, info: ModelInfo, body: dict[str, Any]) -> bytes:
     inputs = []
     raws = []
     params: dict[str, Any] = {}
-    for name, value in fields.items():
-        spec = info.inputs.get(name)
-        if spec is None:
-            params[name] = _param_value(name, value, "generate request")
-            continue
-        shape, raw = scalar_to_raw(name, spec.datatype, value)
-        if info.max_batch_size > 0:
-            shape = [1, *shape]
-        inputs.append((name, spec.datatype, shape, None))
-        raws.append(raw)
     try:
+        for name, value in fields.items():
+            spec = info.inputs.get(name)
+            if spec is None:
+                params[name] = infer_request.check_parameter(name, value, "generate request")
+                continue
+            shape, raw = scalar_to_raw(name, spec.datatype, value)
+            if info.max_batch_size > 0:
+                shape = [1, *shape]
+            inputs.append((name, spec.datatype, shape, None))
+            raws.append(raw)
         return grpc_wire.encode_infer_request(
             model, info.version, request_id, params or None, inputs, [], raws
         )
@@ -253,53 +204,3 @@ def generate_response_json(response: Any) -> dict[str, Any]:
         values = raw_to_json(datatype, raw)
         body[name] = values[0] if len(values) == 1 else values
     return body
-
-
-def _requested_outputs(
-    outputs_json: Any,
-) -> tuple[list[tuple[str, dict[str, Any] | None]], dict[str, bool]]:
-    if outputs_json is None:
-        return [], {}
-    if not isinstance(outputs_json, list):
-        raise BadRequest("'outputs' must be an array")
-    outputs: list[tuple[str, dict[str, Any] | None]] = []
-    binary: dict[str, bool] = {}
-    for i, tensor in enumerate(outputs_json):
-        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
-        name = tensor["name"]
-        params = _params(tensor.get("parameters"), f"output '{name}'")
-        _refuse_shared_memory(params, name)
-        if "binary_data" in params:
-            binary[name] = _flag(params.pop("binary_data"), f"output '{name}': binary_data")
-        outputs.append((name, params or None))
-    return outputs, binary
-
-
-def _flag(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{what} must be true or false, got {value!r}")
-    return value
-
-
-def _params(value: Any, where: str) -> dict[str, Any]:
-    """A copy of a ``parameters`` object (the caller pops what it reads)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where}: 'parameters' must be an object")
-    for name, item in value.items():  # a loop, not a comprehension: this runs per request
-        if type(item) not in _PARAMETER_TYPES:
-            _param_value(name, item, where)
-    return value.copy()
-
-
-def _param_value(name: str, value: Any, where: str) -> Any:
-    if isinstance(value, bool | int | float | str):
-        return value
-    raise BadRequest(f"{where}: parameter '{name}' must be a string, number or boolean")
-
-
-def _refuse_shared_memory(params: dict[str, Any], name: str) -> None:
-    if not params.keys().isdisjoint(_SHARED_MEMORY_PARAMS):
-        raise BadRequest(f"'{name}': shared-memory tensors cannot cross the gateway; send the data")

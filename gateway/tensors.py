@@ -30,27 +30,6 @@ NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
         "FP64": "<f8",
     }.items()
 }
-DATATYPES = frozenset(NUMPY_DTYPES) | {"BYTES", "BF16"}
-_INT64_MAX = 2**63 - 1
-
-
-def check_shape(name: str, shape: Any) -> list[int]:
-    """A list of non-negative int64 dims, or a 400 naming the input."""
-    if isinstance(shape, list):
-        for dim in shape:  # a loop, not all() over a generator: this runs per request
-            if type(dim) is not int or not 0 <= dim <= _INT64_MAX:
-                break
-        else:
-            return shape
-    raise BadRequest(
-        f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
-    )
-
-
-def check_datatype(name: str, datatype: Any) -> str:
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise BadRequest(f"input '{name}': unknown datatype {datatype!r}")
-    return str(datatype)
 
 
 def json_to_raw(name: str, datatype: str, shape: Sequence[int], data: Any) -> bytes:

@@ -11,7 +11,16 @@ from types import ModuleType
 
 import pytest
 
-from fastpath import NO_EXTENSIONS, admission, framing, grpc_wire, http1, scoring, tenants
+from fastpath import (
+    NO_EXTENSIONS,
+    admission,
+    framing,
+    grpc_wire,
+    http1,
+    infer_request,
+    scoring,
+    tenants,
+)
 
 # (selector module, its compiled twin, its pure twin, a public name both export)
 SELECTORS = [
@@ -21,6 +30,12 @@ SELECTORS = [
     (admission, admission.admission_c, admission.admission_py, "Admitter"),
     (tenants, tenants.tenants_c, tenants.tenants_py, "TenantLimiter"),
     (http1, http1.http1_c, http1.http1_py, "parse_request_head"),
+    (
+        infer_request,
+        infer_request.infer_request_c,
+        infer_request.infer_request_py,
+        "parse_infer_request",
+    ),
 ]
 
 
