@@ -336,6 +336,8 @@ class FrontConnection(asyncio.Protocol):
 
     def __init__(self, lane: FastLane) -> None:
         self._lane = lane
+        # Kept: on CPython 3.11 each asyncio.get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._head: Head | None = None
@@ -350,7 +352,7 @@ class FrontConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         self._lane.connections.add(self)
-        self.idle_since = asyncio.get_running_loop().time()
+        self.idle_since = self._loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lane.connections.discard(self)
@@ -422,7 +424,7 @@ class FrontConnection(asyncio.Protocol):
             body,
             self._transport,
         )
-        self.task = asyncio.get_running_loop().create_task(
+        self.task = self._loop.create_task(
             self._serve(request, route.handler, head.close)
         )
 
@@ -455,7 +457,7 @@ class FrontConnection(asyncio.Protocol):
         if close:
             self.close()
             return
-        self.idle_since = asyncio.get_running_loop().time()
+        self.idle_since = self._loop.time()
         if self._buffer:
             self._next_request()
 

@@ -96,7 +96,10 @@ async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], t
     request's ``timeout`` has passed is a 504: Triton may word a missed deadline as an
     internal error."""
     attempts = min(len(lease.slots), 2)
-    for attempt, backend in enumerate(lease.attempts()):
+    # Not a generator of backends: one left unfinished on return would be closed by a
+    # GeneratorExit raised through its frame, on every request.
+    for attempt, slot in enumerate(lease.slots):
+        backend = lease.attempt(slot)
         final = attempt + 1 >= attempts
         try:
             result = await call(backend)

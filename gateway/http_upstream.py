@@ -62,6 +62,8 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time (no pipelining)."""
 
     def __init__(self) -> None:
+        # Kept: on CPython 3.11 each asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._waiter: asyncio.Future[HttpReply] | None = None
@@ -148,7 +150,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes | bytearray) -> asyncio.Future[HttpReply]:
         assert self.transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         self.transport.writelines((head, body))
         return self._waiter
 
@@ -231,7 +233,7 @@ class HttpPool:
     async def _exchange(
         self, connection: _Connection, head: bytes, body: bytes | bytearray, timeout: float
     ) -> HttpReply:
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         deadline = loop.time() + timeout
         self._deadlines[connection] = deadline
         if self._timer is None or deadline < self._timer_at:

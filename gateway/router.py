@@ -8,7 +8,6 @@ decides, both in O(1) Python glue around the arrays.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
@@ -124,16 +123,15 @@ class Lease:
         self._later_responses = 0
         self._retrying = False
 
-    def attempts(self) -> Iterator[Backend]:
-        """The backends to try, best first; in-flight follows the one being tried."""
-        state = self._router.fleet.state
-        for slot in self.slots:
-            self._leave()
-            state.dispatched(slot)
-            self._current = slot
-            backend = self._router.fleet.backend_of(slot)
-            self.trail.attempt(backend.id)
-            yield backend
+    def attempt(self, slot: int) -> Backend:
+        """The backend of ``slot`` (one of ``slots``, best first) is tried now: in-flight
+        moves to it from the one tried before."""
+        self._leave()
+        self._router.fleet.state.dispatched(slot)
+        self._current = slot
+        backend = self._router.fleet.backend_of(slot)
+        self.trail.attempt(backend.id)
+        return backend
 
     def may_retry(self) -> bool:
         """Take a retry from the budget: retries in flight stay within

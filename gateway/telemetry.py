@@ -188,8 +188,9 @@ class Trail:
             "backend": self.backend,
             "policy": self.policy,
             "status": status,
-            "latency_ms": round(elapsed_ns * 1e-6, 3),
-            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1e3, 3),
+            # Whole microseconds in ms (a third of round(x, 3)'s cost, which formats x).
+            "latency_ms": round(elapsed_ns / 1000) / 1000,
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1e6) / 1000,
             "tokens": self.tokens,
         }
         if self._span is not None:
