@@ -48,6 +48,7 @@ SIDE_TOKENS = 12
 # Deep: well above what a burst's own in-flight requests add to b0's or b1's load.
 DEEP_QUEUE = 6
 BURST = 24  # a multiple of 3, so round-robin's share per backend is whole
+STATS_SETTLE_S = 5.0  # longest wait for Triton's statistics to count a burst
 BURST_TOKENS = 4
 # Liveness bound of every wait for the gateway to see something: generous, never a
 # measurement (the waits return as soon as the condition holds).
@@ -181,7 +182,7 @@ async def burst(gateway: Gateway, count: int, concurrency: int) -> None:
 @contextlib.asynccontextmanager
 async def side_load(server: TritonServer) -> AsyncIterator[None]:
     """SIDE_STREAMS streams straight to ``server``, running until the block ends and
-    then waited for, so they are all counted in the server's statistics."""
+    then waited for: every one of them has ended when the block does."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         streams = [
             asyncio.create_task(stream(session, server.http_url, SIDE_TOKENS))
@@ -193,9 +194,16 @@ async def side_load(server: TritonServer) -> AsyncIterator[None]:
             await asyncio.gather(*streams)
 
 
-def added(fleet: TritonFleet, before: list[int]) -> list[int]:
-    """Requests each server completed since ``before``."""
-    return [a - b for a, b in zip(success_counts(fleet, MODEL), before, strict=True)]
+async def served_since(fleet: TritonFleet, before: list[int], total: int) -> list[int]:
+    """Requests each server completed since ``before``, once they add up to ``total``
+    (or after STATS_SETTLE_S): Triton counts a streamed request a moment after its last
+    response is sent, so a read right after a burst can miss the last one."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while True:
+        served = [a - b for a, b in zip(success_counts(fleet, MODEL), before, strict=True)]
+        if sum(served) >= total or time.monotonic() > deadline:
+            return served
+        await asyncio.sleep(0.05)
 
 
 async def gateway_share_beside_side_load(fleet: TritonFleet, gateway: Gateway) -> list[int]:
@@ -209,7 +217,7 @@ async def gateway_share_beside_side_load(fleet: TritonFleet, gateway: Gateway) -
             f"b2's queue at {DEEP_QUEUE} or deeper",
         )
         await burst(gateway, BURST, concurrency=4)
-    served = added(fleet, before)
+    served = await served_since(fleet, before, BURST + SIDE_STREAMS)
     served[2] -= SIDE_STREAMS
     return served
 
@@ -241,7 +249,7 @@ async def test_hybrid_avoids_a_deep_queue_and_returns_once_it_drains(
     )
     before = success_counts(fleet, MODEL)
     await burst(hybrid_gateway, 2 * BURST, concurrency=12)
-    served = added(fleet, before)
+    served = await served_since(fleet, before, 2 * BURST)
     assert served[2] >= 1 and sum(served) == 2 * BURST, served
 
 
@@ -331,7 +339,7 @@ async def test_vram_over_threshold_takes_a_backend_out(
     await wait_for_view(hybrid_gateway, lambda v: "b0" not in ranking(v), "b0 out")
     before = success_counts(fleet, MODEL)
     await burst(hybrid_gateway, BURST, concurrency=4)
-    served = added(fleet, before)
+    served = await served_since(fleet, before, BURST)
     assert served[0] == 0 and sum(served) == BURST, served
 
     # All over: refused with 429, Retry-After and type "saturated"; nothing reaches Triton.
@@ -348,7 +356,7 @@ async def test_vram_over_threshold_takes_a_backend_out(
                 assert r.status == 429, await r.text()
                 assert int(r.headers["Retry-After"]) >= 1
                 assert (await r.json())["type"] == "saturated"
-    assert added(fleet, before) == [0, 0, 0]
+    assert await served_since(fleet, before, 0) == [0, 0, 0]
 
     # Back under: served again.
     for sidecar in sidecars:
@@ -364,5 +372,5 @@ async def test_vram_over_threshold_takes_a_backend_out(
     )
     before = success_counts(fleet, MODEL)
     await burst(hybrid_gateway, BURST, concurrency=4)
-    served = added(fleet, before)
+    served = await served_since(fleet, before, BURST)
     assert served[1] == 0 and sum(served) == BURST, served
