@@ -9,14 +9,18 @@ upstream connection is a fake that answers every request with the recorded reply
 next loop iteration. No system calls, no other process on the path: what is left is the
 gateway's own work per request, warm (the running gateway pays ~3x that, cache-cold).
 
-Prints µs per request: the min and the median of ``--repeats`` rounds. On a shared VM
-the min still moves by ~10%; for changes smaller than that, count instructions instead
+Discovery and the metrics scrape run once, at the start, not inside the rounds. Prints
+µs per request: the min and the median of ``--repeats`` rounds. On a shared VM the min
+still moves by ~10%; for changes smaller than that, count instructions instead
 (bench/README.md, "Where the hot path's time goes"): under callgrind, the difference
-between two request counts is the instructions per request, steady to ~2% run to run::
+between two request counts in the main thread is the instructions per request, steady
+to ~0.3% run to run (gRPC's and the log writer's threads, and hash seeds, are not)::
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        .venv/bin/python -m bench.inprocess --requests 200 --repeats 1
-    (again with --requests 1200; (Ir 1200 - Ir 200) / 1000 = instructions per request)
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --separate-threads=yes \\
+        --callgrind-out-file=/tmp/cg.200 .venv/bin/python -m bench.inprocess \\
+        --requests 200 --repeats 1
+    (again with 1200; (Ir of /tmp/cg.1200-01 - Ir of /tmp/cg.200-01) / 1000 =
+    instructions per request; callgrind_annotate on each gives them per function)
 """
 
 from __future__ import annotations
@@ -136,8 +140,10 @@ async def measure(server: TritonServer, requests: int, repeats: int, profile: bo
         protocol.connection_made(RecordedTriton(protocol, reply))
         return protocol
 
+    # Discovery and the scrape once, at the start (their timers far beyond the rounds).
+    background = ["--discovery-interval", "3600", "--scrape-interval", "3600"]
     args = build_parser().parse_args(
-        ["serve", "--backend", server.backend_url, "--log-level", "WARNING"]
+        ["serve", "--backend", server.backend_url, "--log-level", "WARNING", *background]
     )
     app = create_app(_serve_config(args, args.backend))
     runner = web.AppRunner(app)
