@@ -11,30 +11,12 @@ from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
 
 from fastpath._framing_c import slice_binary_inputs
+# One list of each, the twin's.
+from fastpath._infer_request_py import DATATYPES, SHARED_MEMORY_PARAMS
 from fastpath.errors import FramingError
 
-DATATYPES = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BYTES",
-        "BF16",
-    }
-)
 cdef frozenset _DATATYPES = DATATYPES
-cdef tuple _SHARED_MEMORY_PARAMS = (
-    "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
-)
+cdef tuple _SHARED_MEMORY_PARAMS = SHARED_MEMORY_PARAMS
 # What a parameter's kind (_params) names in a fault: the request, an input, an output.
 cdef int _REQUEST = 0
 cdef int _INPUT = 1
@@ -68,12 +50,8 @@ def parse_infer_request(dict header not None, tail, encode_data):
     cdef dict params
     cdef object name, datatype, shape, size
     for item in <list>inputs_json:
-        if not isinstance(item, dict):
-            raise FramingError(f"inputs[{i}] must be an object with a string 'name'")
+        name = _name_of(item, "inputs", i)
         tensor = <dict>item
-        name = _get(tensor, "name")
-        if not isinstance(name, str):
-            raise FramingError(f"inputs[{i}] must be an object with a string 'name'")
         datatype = _check_datatype(name, _get(tensor, "datatype"))
         shape = _check_shape(name, _get(tensor, "shape"))
         params = _params(_get(tensor, "parameters"), _INPUT, name)
@@ -150,12 +128,8 @@ cdef tuple _requested_outputs(object outputs_json):
     cdef dict params
     cdef object name
     for item in <list>outputs_json:
-        if not isinstance(item, dict):
-            raise FramingError(f"outputs[{i}] must be an object with a string 'name'")
+        name = _name_of(item, "outputs", i)
         tensor = <dict>item
-        name = _get(tensor, "name")
-        if not isinstance(name, str):
-            raise FramingError(f"outputs[{i}] must be an object with a string 'name'")
         params = _params(_get(tensor, "parameters"), _OUTPUT, name)
         _refuse_shared_memory(params, name)
         if PyDict_Contains(params, "binary_data"):
@@ -163,6 +137,15 @@ cdef tuple _requested_outputs(object outputs_json):
         outputs.append((name, params if params else None))
         i += 1
     return outputs, binary
+
+
+cdef object _name_of(object item, str array, Py_ssize_t index):
+    """The name of ``array[index]``, an object with a string ``name``."""
+    if isinstance(item, dict):
+        name = _get(<dict>item, "name")
+        if isinstance(name, str):
+            return name
+    raise FramingError(f"{array}[{index}] must be an object with a string 'name'")
 
 
 cdef object _flag(object value, str what):

@@ -33,7 +33,7 @@ DATATYPES = frozenset(
         "BF16",
     }
 )
-_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 # The JSON types a parameter may have, checked by type first (isinstance is the slow way).
 _PARAMETER_TYPES = frozenset({bool, int, float, str})
 _INT64_MAX = 2**63 - 1
@@ -164,7 +164,7 @@ def _params(value: Any, where: str) -> dict[str, Any]:
 
 
 def _refuse_shared_memory(params: dict[str, Any], name: str) -> None:
-    if not params.keys().isdisjoint(_SHARED_MEMORY_PARAMS):
+    if not params.keys().isdisjoint(SHARED_MEMORY_PARAMS):
         raise FramingError(
             f"'{name}': shared-memory tensors cannot cross the gateway; send the data"
         )
