@@ -134,6 +134,9 @@ class SseStream(asyncio.Protocol):
     """One ``generate_stream`` reply: complete events (``data: ...\\n\\n``) in order."""
 
     def __init__(self, label: str, idle: float, deadline: float, pool: StreamPool) -> None:
+        # Kept: on CPython 3.11 each asyncio.get_running_loop() is a getpid() system call
+        # (one per relayed token, before).
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._label = label  # names the backend in a stall's message
         self._idle = idle
@@ -211,7 +214,7 @@ class SseStream(asyncio.Protocol):
         assert self.transport is not None and self.request is not None
         self.transport.writelines(self.request)
         if self._deadline_timer is None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._deadline_timer = loop.call_at(self._deadline_at, self._deadline)
 
     # -- parsing -------------------------------------------------------------------------------
@@ -320,7 +323,7 @@ class SseStream(asyncio.Protocol):
         """From now on, hand each event to ``on_event`` as it arrives, from the
         connection's callback; the future ends with the stream (or its failure)."""
         self._on_event = on_event
-        self._relayed = asyncio.get_running_loop().create_future()
+        self._relayed = self._loop.create_future()
         if self._error is not None:
             self._relayed.set_exception(self._error)
         else:
@@ -334,7 +337,7 @@ class SseStream(asyncio.Protocol):
         if self._relayed.done():
             return
         if self._events:
-            self._last_event = asyncio.get_running_loop().time()
+            self._last_event = self._loop.time()
             if self._idle_timer is None:
                 self._arm_idle_timer()
             try:
@@ -375,7 +378,7 @@ class SseStream(asyncio.Protocol):
             if self._finished:
                 return None
             await self._wait()
-        self._last_event = asyncio.get_running_loop().time()
+        self._last_event = self._loop.time()
         return self._events.popleft()
 
     async def _wait(self) -> None:
@@ -385,18 +388,18 @@ class SseStream(asyncio.Protocol):
             # The idle timeout runs from the first event, its timer from the first wait
             # after it: the first event goes on to the client without arming it.
             self._arm_idle_timer()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         await self._waiter
         self._waiter = None
         if self._error is not None:
             raise self._error
 
     def _arm_idle_timer(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle_timer = loop.call_at(loop.time() + self._idle, self._check_idle)
 
     def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() - self._last_event < self._idle:
             self._idle_timer = loop.call_at(self._last_event + self._idle, self._check_idle)
             return
