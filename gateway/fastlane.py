@@ -424,9 +424,7 @@ class FrontConnection(asyncio.Protocol):
             body,
             self._transport,
         )
-        self.task = self._loop.create_task(
-            self._serve(request, route.handler, head.close)
-        )
+        self.task = self._loop.create_task(self._serve(request, route.handler, head.close))
 
     async def _serve(self, request: FrontRequest, handler: Handler, close: bool) -> None:
         # Duck-typed: FrontRequest offers what the middlewares and HOT_ROUTES' handlers use.

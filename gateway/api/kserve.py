@@ -361,7 +361,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                 check=lambda: gen.wire_for(backend),
             )
         wire = gen.wire_for(backend)
-        return _grpc_events(stream_replies(backend, wire, timeouts, lease.trail.metadata))
+        left = timeouts.after(lease.elapsed())  # of the deadline, after earlier attempts
+        return _grpc_events(stream_replies(backend, wire, left, lease.trail.metadata))
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
         opener = sse.StreamOpener(request)

@@ -330,7 +330,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         # the end, while a cancelled gRPC call stops the model at its next token.
         if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
-            return stream_replies(backend, wire, timeouts, trace)
+            left = timeouts.after(lease.elapsed())  # of the deadline, after earlier attempts
+            return stream_replies(backend, wire, left, trace)
         path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
         events = generate_events(
             backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
