@@ -4,6 +4,7 @@ first byte, and decoded streaming replies that cancel the gRPC call when abandon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -33,6 +34,7 @@ from .telemetry import TRAIL
 from .upstream import Metadata, is_connection_failure, upstream_error
 
 T = TypeVar("T")
+_NO_TIMEOUT = contextlib.nullcontext()
 TIMEOUT_HEADER = "x-meshgate-timeout-ms"
 
 
@@ -186,7 +188,9 @@ async def stream_replies(
     try:
         while True:
             try:
-                async with asyncio.timeout(timeouts.idle if started else None):
+                # Before the first reply only the call's deadline bounds the wait (and
+                # an asyncio.timeout costs ~5 µs on the way to it).
+                async with asyncio.timeout(timeouts.idle) if started else _NO_TIMEOUT:
                     message = await anext(messages)
             except StopAsyncIteration:
                 return
