@@ -13,7 +13,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from bench.measure import binary_infer_body
 from fastpath import framing, grpc_wire, infer_request
+from gateway.kserve_codec import decode_infer_body
 from gateway.tensors import json_to_raw
 
 STRINGS = [f"token-{i}" for i in range(10_000)]
@@ -134,19 +136,16 @@ def test_decode_infer_response_protobuf(benchmark: BenchmarkFixture) -> None:
 # ---------------------------------------------------------------------- infer request check
 
 INFER_CHECK = _twins(infer_request.infer_request_py, infer_request.infer_request_c)
-# The JSON header of a binary 1x384 FP32 infer (what bench/measure.py sends), decoded.
-INFER_HEADER = {
-    "inputs": [
-        {
-            "name": "INPUT",
-            "datatype": "FP32",
-            "shape": [1, 384],
-            "parameters": {"binary_data_size": INPUT.nbytes},
-        }
-    ],
-    "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": True}}],
-}
-INFER_TAIL = memoryview(INPUT.tobytes())
+
+
+def _infer_request() -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and binary tail of a binary 1x384 FP32 infer, as the benchmarks
+    send it (bench/measure.py), split as the gateway splits it."""
+    body, headers = binary_infer_body([("INPUT", "FP32", [1, 384], INPUT.tobytes())], ["OUTPUT"])
+    return decode_infer_body(body, headers["Inference-Header-Content-Length"])
+
+
+INFER_HEADER, INFER_TAIL = _infer_request()
 
 
 def check_infer_with(impl: Any) -> tuple[Any, ...]:
