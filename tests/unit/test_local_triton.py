@@ -73,9 +73,20 @@ def test_free_port_base_has_free_ports() -> None:
     assert not any(local_triton.port_in_use(port) for port in ports)
 
 
-def test_busy_port_fails_before_launch(busy_port: int, tmp_path: Path) -> None:
-    # busy_port becomes the gRPC port of server 0.
-    fleet = TritonFleet(1, busy_port - 1, tmp_path, tmp_path / "logs")
+@pytest.fixture
+def busy_grpc_port_base() -> Iterator[int]:
+    """A port base whose server 0 finds its HTTP port free and its gRPC port taken (a
+    port next to an arbitrary busy one may itself be in use: a client's, say)."""
+    base = local_triton.find_free_port_base(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", local_triton.server_ports(base, 0)[1]))
+        listener.listen()
+        yield base
+
+
+def test_busy_port_fails_before_launch(busy_grpc_port_base: int, tmp_path: Path) -> None:
+    busy_port = local_triton.server_ports(busy_grpc_port_base, 0)[1]
+    fleet = TritonFleet(1, busy_grpc_port_base, tmp_path, tmp_path / "logs")
     with pytest.raises(TritonLaunchError, match=f"port {busy_port} .*already in use") as info:
         fleet.start()
     assert "\n" not in str(info.value)
