@@ -79,6 +79,8 @@ def busy_grpc_port_base() -> Iterator[int]:
     port next to an arbitrary busy one may itself be in use: a client's, say)."""
     base = local_triton.find_free_port_base(1)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        # As find_free_port_base probes: a TIME_WAIT leftover on the port is no obstacle.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", local_triton.server_ports(base, 0)[1]))
         listener.listen()
         yield base
