@@ -182,7 +182,7 @@ async def stream_replies(
     Waiting for the first response is bounded by the request's deadline only (it may
     queue at Triton); after it, a gap longer than ``timeouts.idle`` ends the stream
     with UpstreamStalled."""
-    call = backend.channel.stream(wire, timeouts.total, metadata)
+    call = await backend.channel.stream(wire, timeouts.total, metadata)
     messages = aiter(call)
     started = False
     try:

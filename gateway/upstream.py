@@ -3,15 +3,19 @@ is built by ``fastpath.grpc_wire`` and the response parsed by it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from .config import GrpcTls
 from .errors import GatewayError, GatewayTimeout, UpstreamError
+from .grpc_h2 import H2Channel
 
 _SERVICE = "/inference.GRPCInferenceService/"
+_INFER = (_SERVICE + "ModelInfer").encode()
+_STREAM = (_SERVICE + "ModelStreamInfer").encode()
 
 # Triton's own HTTP mapping of its error codes (http_server.cc), by the gRPC code it uses.
 _HTTP_STATUS = {
@@ -44,11 +48,21 @@ def is_connection_failure(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
+class StreamCall(Protocol):
+    """A ModelStreamInfer call: its serialized responses, and a way to stop it."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def cancel(self) -> bool: ...
+
+
 class TritonChannel:
     """One gRPC channel to one Triton server: plaintext, or TLS when ``tls`` is given.
 
-    ``infer``/``stream`` take and return serialized protobuf bytes; ``control`` is
-    Triton's generated stub for the (cold) metadata, health and repository calls.
+    ``infer``/``stream`` take and return serialized protobuf bytes: plaintext, over
+    the event loop's own HTTP/2 connections (gateway/grpc_h2.py), else grpc.aio's.
+    ``control`` is Triton's generated stub for the (cold) metadata, health and
+    repository calls, always grpc.aio.
     """
 
     def __init__(self, target: str, max_message_bytes: int, tls: GrpcTls | None = None) -> None:
@@ -75,19 +89,27 @@ class TritonChannel:
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.control = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         # No serializers: grpc sends our bytes as they are and hands back raw bytes.
-        self._infer = self.channel.unary_unary(_SERVICE + "ModelInfer")
-        self._stream = self.channel.stream_stream(_SERVICE + "ModelStreamInfer")
+        self._infer = self.channel.unary_unary(_INFER.decode())
+        self._stream = self.channel.stream_stream(_STREAM.decode())
+        self._h2 = H2Channel(target, max_message_bytes) if tls is None else None
 
     async def infer(self, request: bytes, timeout: float, metadata: Metadata = ()) -> bytes:
+        if self._h2 is not None:
+            return await (await self._h2.call(_INFER, request, timeout, metadata)).reply()
         response: bytes = await self._infer(request, timeout=timeout, metadata=metadata or None)
         return response
 
-    def stream(
-        self, request: bytes, timeout: float, metadata: Metadata = ()
-    ) -> grpc.aio.StreamStreamCall:
+    async def stream(self, request: bytes, timeout: float, metadata: Metadata = ()) -> StreamCall:
         """Open ModelStreamInfer with one request; Triton ends the stream after its
         last response because the request side is closed right after it."""
-        return self._stream(iter((request,)), timeout=timeout, metadata=metadata or None)
+        if self._h2 is not None:
+            return await self._h2.call(_STREAM, request, timeout, metadata)
+        call: StreamCall = self._stream(
+            iter((request,)), timeout=timeout, metadata=metadata or None
+        )
+        return call
 
     async def close(self) -> None:
+        if self._h2 is not None:
+            self._h2.close()
         await self.channel.close(grace=None)

@@ -1,0 +1,210 @@
+"""The event loop's own gRPC client (gateway/grpc_h2.py) against grpc's own server.
+
+The server is grpc.aio's, so the framing, flow control, trailers, deadlines and resets
+are checked against the gRPC implementation Triton itself is built on (C-core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.grpc_h2 import H2Channel, grpc_timeout, hpack_literals
+from tests.conftest import free_port
+
+SERVICE = "inference.GRPCInferenceService"
+STREAM = f"/{SERVICE}/ModelStreamInfer".encode()
+UNARY = f"/{SERVICE}/ModelInfer".encode()
+LIMIT = 8 << 20
+
+
+class Peer:
+    """A grpc.aio server: ModelInfer echoes (or sleeps, or fails, as the request says),
+    ModelStreamInfer answers one request with as many copies as its first byte says."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.metadata: list[tuple[str, str]] = []
+        self.cancelled = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", LIMIT),
+                ("grpc.max_send_message_length", LIMIT),
+            ]
+        )
+        handlers = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.unary),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.stream),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        await self.server.stop(grace=None)
+
+    async def unary(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.metadata = [(m.key, m.value) for m in context.invocation_metadata() or ()]
+        if request.startswith(b"sleep"):
+            try:
+                await asyncio.sleep(float(request[5:]))
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if request.startswith(b"fail"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request[4:].decode())
+        return request
+
+    async def stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            for i in range(request[0]):
+                yield bytes([i]) + request[1:]
+                await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Peer]:
+    server = Peer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def channel(peer: Peer) -> AsyncIterator[H2Channel]:
+    client = H2Channel(f"127.0.0.1:{peer.port}", LIMIT)
+    yield client
+    client.close()
+
+
+async def replies(channel: H2Channel, request: bytes, timeout: float = 5.0) -> list[bytes]:
+    return [m async for m in await channel.call(STREAM, request, timeout, ())]
+
+
+async def test_stream_replies_in_order(channel: H2Channel) -> None:
+    assert await replies(channel, bytes([3]) + b"abc") == [b"\x00abc", b"\x01abc", b"\x02abc"]
+    assert await replies(channel, bytes([0])) == []  # no replies, status OK
+
+
+async def test_unary_round_trip_with_metadata(channel: H2Channel, peer: Peer) -> None:
+    call = await channel.call(UNARY, b"hello", 5.0, [("traceparent", "00-abc-def-01")])
+    assert await call.reply() == b"hello"
+    assert ("traceparent", "00-abc-def-01") in peer.metadata
+
+
+async def test_large_messages_both_ways(channel: H2Channel) -> None:
+    # Larger than every flow-control window and frame: both sides must wait and split.
+    body = bytes(range(256)) * (4 << 12)  # 4 MiB
+    assert await (await channel.call(UNARY, body, 10.0, ())).reply() == body
+
+
+async def test_many_calls_share_one_connection(channel: H2Channel) -> None:
+    bodies = [f"call {i}".encode() for i in range(64)]
+    calls = [await channel.call(UNARY, body, 5.0, ()) for body in bodies]
+    assert await asyncio.gather(*(c.reply() for c in calls)) == bodies
+
+
+async def test_server_status_and_message(channel: H2Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await (await channel.call(UNARY, "fail100% wrong: ünïcode".encode(), 5.0, ())).reply()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "100% wrong: ünïcode"
+    assert await (await channel.call(UNARY, b"still serving", 5.0, ())).reply() == b"still serving"
+
+
+async def test_deadline(channel: H2Channel, peer: Peer) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await (await channel.call(UNARY, b"sleep5", 0.2, ())).reply()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert loop.time() - started < 2.0
+    await asyncio.wait_for(peer.cancelled.wait(), 5.0)  # the server stopped the handler
+
+
+async def test_cancel_stops_the_server_side(channel: H2Channel, peer: Peer) -> None:
+    call = await channel.call(UNARY, b"sleep5", 10.0, ())
+    await asyncio.sleep(0.1)
+    assert call.cancel()
+    assert not call.cancel()  # once
+    await asyncio.wait_for(peer.cancelled.wait(), 5.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.reply()
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+
+
+async def test_waiting_task_cancelled_cancels_the_call(channel: H2Channel, peer: Peer) -> None:
+    task = asyncio.ensure_future((await channel.call(UNARY, b"sleep5", 10.0, ())).reply())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.wait_for(peer.cancelled.wait(), 5.0)
+
+
+async def test_message_over_the_limit(peer: Peer) -> None:
+    small = H2Channel(f"127.0.0.1:{peer.port}", 1000)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as sent:
+            await small.call(UNARY, bytes(1001), 5.0, ())
+        assert sent.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A reply over the limit: the stream answers its request 2 times, 999 bytes each.
+        with pytest.raises(grpc.aio.AioRpcError) as received:
+            await replies(small, bytes([2]) + bytes(1500))
+        assert received.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        small.close()
+
+
+async def test_unreachable_is_unavailable() -> None:
+    nowhere = H2Channel(f"127.0.0.1:{free_port()}", LIMIT)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await nowhere.call(UNARY, b"x", 5.0, ())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_server_gone_mid_call_then_back(peer: Peer) -> None:
+    channel = H2Channel(f"127.0.0.1:{peer.port}", LIMIT)
+    try:
+        call = await channel.call(UNARY, b"sleep5", 10.0, ())
+        await asyncio.sleep(0.1)
+        await peer.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.reply()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        await peer.start()  # the same port: the next call opens a new connection
+        assert await (await channel.call(UNARY, b"back", 5.0, ())).reply() == b"back"
+    finally:
+        channel.close()
+
+
+def test_grpc_timeout_header() -> None:
+    assert grpc_timeout(0.0001) == b"1m"
+    assert grpc_timeout(1.5) == b"1500m"
+    assert grpc_timeout(99_999.999) == b"99999999m"
+    assert grpc_timeout(200_000.0) == b"200000S"
+
+
+_names = st.binary(min_size=1, max_size=300).map(bytes.lower)
+
+
+@given(st.lists(st.tuples(_names, st.binary(max_size=5000)), max_size=12))
+def test_hpack_literals_decode_to_the_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    decoder: Any = hpack.Decoder()
+    decoder.max_header_list_size = 1 << 30
+    decoded = decoder.decode(hpack_literals(headers), raw=True)
+    assert [(bytes(n), bytes(v)) for n, v in decoded] == headers
+    assert len(decoder.header_table.dynamic_entries) == 0  # nothing indexed
