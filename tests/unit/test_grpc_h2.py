@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.grpc_h2 import H2Channel, grpc_timeout, hpack_literals
+from gateway.grpc_h2 import H2Channel, _Connection, grpc_timeout, hpack_literals
 from tests.conftest import free_port
 
 SERVICE = "inference.GRPCInferenceService"
@@ -208,3 +208,96 @@ def test_hpack_literals_decode_to_the_headers(headers: list[tuple[bytes, bytes]]
     decoded = decoder.decode(hpack_literals(headers), raw=True)
     assert [(bytes(n), bytes(v)) for n, v in decoded] == headers
     assert len(decoder.header_table.dynamic_entries) == 0  # nothing indexed
+
+
+class Transport:
+    """Collects what the client writes; the test plays Triton's side by hand."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def sent_frames(written: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, stream id) of each frame the client wrote after its preface."""
+    frames, position = [], len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    while position < len(written):
+        length = int.from_bytes(written[position : position + 3], "big")
+        kind, flags = written[position + 3], written[position + 4]
+        frames.append((kind, flags, int.from_bytes(written[position + 5 : position + 9], "big")))
+        position += 9 + length
+    return frames
+
+
+def grpc_messages(*messages: bytes) -> bytes:
+    return b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in messages)
+
+
+@given(
+    st.lists(st.binary(max_size=3000), max_size=6),
+    st.integers(1, 4000),
+    st.lists(st.integers(1, 500), min_size=1, max_size=40),
+    st.sampled_from([0, 3, 5]),
+)
+def test_frames_split_anywhere(
+    messages: list[bytes], frame_size: int, cuts: list[int], status: int
+) -> None:
+    """Two calls' answers, interleaved and padded frames, Huffman-coded header blocks with
+    a dynamic table, a header block continued, all delivered in arbitrary pieces: each
+    call gets its messages in order and its status."""
+    loop = asyncio.new_event_loop()
+    try:
+        connection = _Connection(loop, LIMIT)
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        first = connection.start(STREAM, [], b"a")
+        second = connection.start(STREAM, [], b"b")
+        encoder = hpack.Encoder()
+        body = grpc_messages(*messages)
+        chunks = [body[i : i + frame_size] for i in range(0, len(body), frame_size)]
+        trailers = [(b"grpc-status", str(status).encode()), (b"grpc-message", b"gone%20wrong")]
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        wire = frame(4, 0, 0, b"")  # Triton's SETTINGS
+        for stream_id in (first._stream_id, second._stream_id):
+            wire += frame(1, 0x4, stream_id, encoder.encode(head))  # the second: indexed
+        for chunk in chunks:
+            padded = bytes((3,)) + chunk + b"\x00\x00\x00"
+            wire += frame(0, 0x8, first._stream_id, padded)
+            wire += frame(0, 0, second._stream_id, chunk)
+        block = encoder.encode(trailers)  # continued in a CONTINUATION frame
+        wire += frame(1, 0x1, first._stream_id, block[:2])
+        wire += frame(9, 0x4, first._stream_id, block[2:])
+        wire += frame(1, 0x5, second._stream_id, encoder.encode(trailers))
+        position = 0
+        for cut in cuts * (len(wire) // sum(cuts) + 1):
+            if position >= len(wire):
+                break
+            connection.data_received(wire[position : position + cut])
+            position += cut
+        for call in (first, second):
+            assert list(call._messages) == messages
+            assert call._ended
+            if status:
+                assert call._error is not None and call._error.code().value[0] == status
+                assert call._error.details() == "gone wrong"
+            else:
+                assert call._error is None
+        assert not transport.closed
+        assert sent_frames(transport.written).count((4, 0x1, 0)) == 1  # SETTINGS acknowledged
+    finally:
+        loop.close()
