@@ -66,11 +66,11 @@ def process_tree_cpu_seconds(pid: int) -> float:
         while ancestor not in (pid, 0, 1) and ancestor in parents:
             ancestor = parents[ancestor]
         if ancestor == pid:
-            total_ns += _run_time_ns(child)
+            total_ns += run_time_ns(child)
     return total_ns / 1e9
 
 
-def _run_time_ns(pid: int) -> int:
+def run_time_ns(pid: int) -> int:
     """Nanoseconds the threads of ``pid`` have run (0 if it ended while we looked)."""
     total = 0
     for schedstat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
