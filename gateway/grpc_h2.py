@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import cast
@@ -281,6 +282,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keep_alive(sock)
         settings = b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in _SETTINGS_SENT)
         increment = (_WINDOW - _DEFAULT_WINDOW).to_bytes(4, "big")
         self._transport.write(
@@ -484,6 +488,18 @@ class _Connection(asyncio.Protocol):
         for call in self._calls.values():
             if call._unsent:
                 self._send(call)
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """A Triton that vanished without closing the connection (host down, network cut)
+    is given up on as grpc.aio's keepalive did (a ping after 30 s, 10 s for its answer),
+    by the kernel: a probe after 30 s idle, 10 s for its answer; data left unacknowledged
+    for 40 s breaks the connection too. Its calls then fail as UNAVAILABLE."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 40_000)
 
 
 class _ProtocolError(Exception):

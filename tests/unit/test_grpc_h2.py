@@ -7,6 +7,7 @@ are checked against the gRPC implementation Triton itself is built on (C-core).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -111,6 +112,17 @@ async def test_large_messages_both_ways(channel: H2Channel) -> None:
     # Larger than every flow-control window and frame: both sides must wait and split.
     body = bytes(range(256)) * (4 << 12)  # 4 MiB
     assert await (await channel.call(UNARY, body, 10.0, ())).reply() == body
+
+
+async def test_dead_peers_are_given_up_on_by_the_kernel(channel: H2Channel) -> None:
+    call = await channel.call(UNARY, b"x", 5.0, ())
+    assert await call.reply() == b"x"
+    transport = call._connection._transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 40_000
 
 
 async def test_many_calls_share_one_connection(channel: H2Channel) -> None:
@@ -222,6 +234,9 @@ class Transport:
 
     def close(self) -> None:
         self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # no socket
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
