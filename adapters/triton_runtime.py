@@ -63,8 +63,12 @@ SCRAPED = (
     GPU_UTILIZATION,
 )
 
-# A reading is trusted for this many of its source's refresh intervals.
+# A reading is trusted for this many of its source's refresh intervals, and for at least
+# MIN_MAX_AGE_S: a reading refreshed often is not wrong sooner, and a loaded host can
+# delay a scrape by a few hundred milliseconds (at --scrape-interval 0.1 the limit was
+# 0.4 s, and such a delay refused every request as "saturated").
 STALE_AFTER_INTERVALS = 4.0
+MIN_MAX_AGE_S = 1.0
 # Triton's default --metrics-interval-ms: how often it refreshes its GPU metrics.
 TRITON_GPU_METRICS_INTERVAL_S = 2.0
 
@@ -167,8 +171,10 @@ class TritonRuntimeAdapter:
         self.backend_id = backend_id
         self.metrics_url = metrics_url
         self.interval = interval
-        self.model_max_age = STALE_AFTER_INTERVALS * interval
-        self.gpu_max_age = STALE_AFTER_INTERVALS * max(interval, gpu_metrics_interval)
+        self.model_max_age = max(STALE_AFTER_INTERVALS * interval, MIN_MAX_AGE_S)
+        self.gpu_max_age = max(
+            STALE_AFTER_INTERVALS * max(interval, gpu_metrics_interval), MIN_MAX_AGE_S
+        )
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._tracker = DeltaTracker()

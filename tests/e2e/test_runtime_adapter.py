@@ -118,6 +118,11 @@ async def test_quiet_scrape_is_a_heartbeat_with_no_changes(
     second = {d.model: d for d in await adapter.scrape_once() if isinstance(d, ModelStateDelta)}
     assert first.keys() == second.keys() >= {"tiny_lm", "embed", "tokenize"}
     assert first["tiny_lm"].max_age == 1.0
+    # Scraped more often, a reading is still trusted for a second (a floor), not 4 x 0.1 s.
+    fast = TritonRuntimeAdapter("b0", triton.metrics_url, session, interval=0.1)
+    assert {d.max_age for d in await fast.scrape_once()} == {1.0}
+    slow = TritonRuntimeAdapter("b0", triton.metrics_url, session, interval=0.5)
+    assert {d.max_age for d in await slow.scrape_once()} == {2.0}
     # Nothing ran between the scrapes: nothing queued, so the recent queue time is 0.
     assert second["tiny_lm"].changes() == {"queue_time_s": 0.0}
     assert second["embed"].observed_at >= first["embed"].observed_at
