@@ -83,6 +83,7 @@ class H2Call:
     def __init__(self, connection: _Connection, stream_id: int, message: bytes) -> None:
         self._connection = connection
         self._stream_id = stream_id
+        # The message's prefix as one 5-byte number: a zero "compressed" flag, its length.
         self._unsent = memoryview(len(message).to_bytes(_PREFIX, "big") + message)
         self._messages: deque[bytes] = deque()
         self._partial = b""
@@ -292,10 +293,14 @@ class _Connection(asyncio.Protocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.usable = False
         self._transport = None
+        self._fail(f"the connection to Triton broke: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        """End every call as UNAVAILABLE (the gateway may try another backend)."""
+        self.usable = False
         for call in list(self._calls.values()):
-            call._end(rpc_error(_StatusCode.UNAVAILABLE, f"the connection to Triton broke: {exc}"))
+            call._end(rpc_error(_StatusCode.UNAVAILABLE, reason))
 
     # -- calls --------------------------------------------------------------------------
 
@@ -304,6 +309,8 @@ class _Connection(asyncio.Protocol):
 
     def start(self, path: bytes, headers: list[tuple[bytes, bytes]], message: bytes) -> H2Call:
         """A new call on this connection (which must be ``usable``)."""
+        if self._transport is None:  # it closed while the caller waited for it to open
+            raise rpc_error(_StatusCode.UNAVAILABLE, "the connection to Triton closed")
         stream_id = self._next_stream_id
         self._next_stream_id += 2
         if self._next_stream_id > _MAX_STREAM_ID:
@@ -379,7 +386,7 @@ class _Connection(asyncio.Protocol):
                 position += length
         except (_ProtocolError, hpack.HPACKError) as exc:
             self._buffer = b""
-            self.connection_lost(exc)
+            self._fail(f"Triton broke HTTP/2: {exc}")
             self.close()
             return
         self._buffer = buffer[position:]

@@ -316,3 +316,18 @@ def test_frames_split_anywhere(
         assert sent_frames(transport.written).count((4, 0x1, 0)) == 1  # SETTINGS acknowledged
     finally:
         loop.close()
+
+
+def test_a_broken_connection_fails_its_calls_and_closes() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        connection = _Connection(loop, LIMIT)
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        call = connection.start(STREAM, [], b"a")
+        connection.data_received(frame(1, 0x4, call._stream_id, b"\xff\xff\xff\xff"))  # bad HPACK
+        assert call._error is not None
+        assert call._error.code() == grpc.StatusCode.UNAVAILABLE
+        assert transport.closed and not connection.usable
+    finally:
+        loop.close()
