@@ -43,6 +43,7 @@ _HTTP_CODES = {
 }
 _WINDOW = 1 << 24  # receive window, per stream and per connection: a 4 MiB reply in one go
 _PREFIX = 5  # a gRPC message's frame: compressed flag, 4-byte big-endian length
+CONNECT_TIMEOUT_S = 10.0  # to open a connection and have Triton's SETTINGS (grpc's is 20 s)
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -280,6 +281,9 @@ class _Connection(asyncio.Protocol):
         self._stream_unacknowledged: dict[int, int] = {}
         self._out: list[bytes] = []
         self.usable = True  # False once closed, told to go away or out of stream ids
+        # Done when Triton's first SETTINGS arrived (its stream limit, its windows), or
+        # the connection was lost before.
+        self.ready: asyncio.Future[None] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -294,7 +298,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._fail(f"the connection to Triton broke: {exc}")
+        reason = f"the connection to Triton broke: {exc}"
+        if not self.ready.done():
+            self.ready.set_exception(rpc_error(_StatusCode.UNAVAILABLE, reason))
+        self._fail(reason)
 
     def _fail(self, reason: str) -> None:
         """End every call as UNAVAILABLE (the gateway may try another backend)."""
@@ -411,6 +418,8 @@ class _Connection(asyncio.Protocol):
             if not flags & _ACK:
                 self._settings(payload)
                 self._out.append(_frame(_SETTINGS, _ACK, 0))
+                if not self.ready.done():
+                    self.ready.set_result(None)
         elif kind == _WINDOW_UPDATE:
             increment = int.from_bytes(payload[:4], "big") & _MAX_STREAM_ID
             if stream_id == 0:
@@ -564,14 +573,27 @@ class H2Channel:
                 self._connecting = None
 
     async def _connect(self) -> _Connection:
+        """A connection that has Triton's SETTINGS: before them its stream limit is
+        unknown, and calls beyond it would be refused. Bounded by CONNECT_TIMEOUT_S, as
+        a connection shared by every caller must be, whatever their deadlines."""
         loop = asyncio.get_running_loop()
+        where = f"{self._host}:{self._port}"
+        connection: _Connection | None = None
         try:
-            _, connection = await loop.create_connection(
-                lambda: _Connection(loop, self._limit), self._host, self._port
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self._limit), self._host, self._port
+                )
+                await connection.ready
+        except TimeoutError:  # before OSError, of which it is a subclass
+            if connection is not None:
+                connection.close()
+            raise rpc_error(
+                _StatusCode.UNAVAILABLE, f"{where} did not answer HTTP/2 in {CONNECT_TIMEOUT_S} s"
+            ) from None
         except OSError as exc:
             raise rpc_error(
-                _StatusCode.UNAVAILABLE, f"failed to connect to {self._host}:{self._port}: {exc}"
+                _StatusCode.UNAVAILABLE, f"failed to connect to {where}: {exc}"
             ) from None
         old = self._connection
         if old is not None:

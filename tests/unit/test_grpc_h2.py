@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway import grpc_h2
 from gateway.grpc_h2 import H2Channel, _Connection, grpc_timeout, hpack_literals
 from tests.conftest import free_port
 
@@ -30,19 +31,20 @@ class Peer:
     """A grpc.aio server: ModelInfer echoes (or sleeps, or fails, as the request says),
     ModelStreamInfer answers one request with as many copies as its first byte says."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int | None = None) -> None:
         self.port = free_port()
         self.metadata: list[tuple[str, str]] = []
         self.cancelled = asyncio.Event()
         self.server: grpc.aio.Server | None = None
+        self.options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", LIMIT),
+            ("grpc.max_send_message_length", LIMIT),
+        ]
+        if max_streams is not None:
+            self.options.append(("grpc.max_concurrent_streams", max_streams))
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", LIMIT),
-                ("grpc.max_send_message_length", LIMIT),
-            ]
-        )
+        self.server = grpc.aio.server(options=self.options)
         handlers = {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.unary),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.stream),
@@ -61,7 +63,7 @@ class Peer:
         self.metadata = [(m.key, m.value) for m in context.invocation_metadata() or ()]
         if request.startswith(b"sleep"):
             try:
-                await asyncio.sleep(float(request[5:]))
+                await asyncio.sleep(float(request[5:].partition(b"-")[0]))
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
@@ -131,6 +133,21 @@ async def test_many_calls_share_one_connection(channel: H2Channel) -> None:
     assert await asyncio.gather(*(c.reply() for c in calls)) == bodies
 
 
+async def test_calls_beyond_the_servers_stream_limit_open_more_connections() -> None:
+    peer = Peer(max_streams=2)
+    await peer.start()
+    channel = H2Channel(f"127.0.0.1:{peer.port}", LIMIT)
+    try:
+        await (await channel.call(UNARY, b"x", 5.0, ())).reply()  # Triton's SETTINGS known
+        calls = [await channel.call(UNARY, f"sleep0.3-{i}".encode(), 5.0, ()) for i in range(5)]
+        replies = await asyncio.gather(*(c.reply() for c in calls))
+        assert replies == [f"sleep0.3-{i}".encode() for i in range(5)]
+        assert len({id(c._connection) for c in calls}) == 3  # 2 + 2 + 1 streams
+    finally:
+        channel.close()
+        await peer.stop()
+
+
 async def test_server_status_and_message(channel: H2Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await (await channel.call(UNARY, "fail100% wrong: ünïcode".encode(), 5.0, ())).reply()
@@ -186,6 +203,30 @@ async def test_unreachable_is_unavailable() -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await nowhere.call(UNARY, b"x", 5.0, ())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_server_that_never_speaks_http2_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(grpc_h2, "CONNECT_TIMEOUT_S", 0.2)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts, reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = H2Channel(f"127.0.0.1:{port}", LIMIT)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.call(UNARY, b"x", 5.0, ())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "did not answer HTTP/2" in str(caught.value.details())
+    finally:
+        channel.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
 
 
 async def test_server_gone_mid_call_then_back(peer: Peer) -> None:
