@@ -74,16 +74,24 @@ class H2Call:
         "_http_status",
         "_messages",
         "_partial",
+        "_send_window",
         "_status",
         "_stream_id",
         "_timer",
+        "_unacknowledged",
         "_unsent",
         "_waiter",
     )  # fmt: skip
 
-    def __init__(self, connection: _Connection, stream_id: int, message: bytes) -> None:
+    def __init__(
+        self, connection: _Connection, stream_id: int, message: bytes, send_window: int
+    ) -> None:
         self._connection = connection
         self._stream_id = stream_id
+        # Flow control: what Triton lets this stream send, and what it has read and not
+        # yet given back with a WINDOW_UPDATE.
+        self._send_window = send_window
+        self._unacknowledged = 0
         # The message's prefix as one 5-byte number: a zero "compressed" flag, its length.
         self._unsent = memoryview(len(message).to_bytes(_PREFIX, "big") + message)
         self._messages: deque[bytes] = deque()
@@ -129,14 +137,17 @@ class H2Call:
         """Stop the call (Triton cancels the request); False if it had ended."""
         if self._ended:
             return False
-        self._connection.reset(self._stream_id)
-        self._end(rpc_error(_StatusCode.CANCELLED, "Locally cancelled by application!"))
+        self._stop(_StatusCode.CANCELLED, "Locally cancelled by application!")
         return True
 
     def expire(self) -> None:
+        self._stop(_StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _stop(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with ``code`` and reset its stream (Triton cancels it)."""
         if not self._ended:
             self._connection.reset(self._stream_id)
-            self._end(rpc_error(_StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self._end(rpc_error(code, details))
 
     # -- from the connection's callbacks ----------------------------------------------
 
@@ -161,7 +172,7 @@ class H2Call:
         while end - start >= _PREFIX:
             size = int.from_bytes(buffer[start + 1 : start + _PREFIX], "big")
             if size > limit:
-                self.cancel_with(
+                self._stop(
                     _StatusCode.RESOURCE_EXHAUSTED,
                     f"Received message larger than max ({size} vs. {limit})",
                 )
@@ -195,11 +206,6 @@ class H2Call:
             self._end(None)
         else:
             self._end(rpc_error(_CODES.get(status, _StatusCode.UNKNOWN), self._details))
-
-    def cancel_with(self, code: grpc.StatusCode, details: str) -> None:
-        if not self._ended:
-            self._connection.reset(self._stream_id)
-            self._end(rpc_error(code, details))
 
 
 # HTTP/2 (RFC 9113): frame types, flags, settings and error codes the client uses.
@@ -270,15 +276,13 @@ class _Connection(asyncio.Protocol):
         self._block = bytearray()  # a header block awaiting its CONTINUATION frames
         self._block_stream = 0
         self._block_ends_stream = False
-        # Flow control: what Triton lets us send, and what we have read and not yet
-        # given back with a WINDOW_UPDATE.
+        # Flow control of the whole connection (each call keeps its stream's): what
+        # Triton lets us send, and what we have read and not yet given back.
         self._send_window = _DEFAULT_WINDOW
-        self._stream_send_windows: dict[int, int] = {}
         self._initial_send_window = _DEFAULT_WINDOW
         self._max_frame = 16_384
         self._max_streams = 1 << 31
         self._unacknowledged = 0
-        self._stream_unacknowledged: dict[int, int] = {}
         self._out: list[bytes] = []
         self.usable = True  # False once closed, told to go away or out of stream ids
         # Done when Triton's first SETTINGS arrived (its stream limit, its windows), or
@@ -322,10 +326,8 @@ class _Connection(asyncio.Protocol):
         self._next_stream_id += 2
         if self._next_stream_id > _MAX_STREAM_ID:
             self.usable = False  # its last stream id: the next call opens another connection
-        call = H2Call(self, stream_id, message)
+        call = H2Call(self, stream_id, message, self._initial_send_window)
         self._calls[stream_id] = call
-        self._stream_send_windows[stream_id] = self._initial_send_window
-        self._stream_unacknowledged[stream_id] = 0
         block = hpack_literals([(b":path", path), *headers])
         self._out.append(_frame(_HEADERS, _END_HEADERS, stream_id, block))
         self._send(call)
@@ -340,10 +342,14 @@ class _Connection(asyncio.Protocol):
 
     def forget(self, stream_id: int) -> None:
         self._calls.pop(stream_id, None)
-        self._stream_send_windows.pop(stream_id, None)
-        self._stream_unacknowledged.pop(stream_id, None)
-        if not self._calls and not self.usable and self._transport is not None:
-            self._transport.close()  # retired and idle
+        if not self._calls and not self.usable:
+            self.close()  # retired and idle
+
+    def retire(self) -> None:
+        """No new calls; closed once the calls it has end."""
+        self.usable = False
+        if not self._calls:
+            self.close()
 
     def close(self) -> None:
         self.usable = False
@@ -352,8 +358,7 @@ class _Connection(asyncio.Protocol):
 
     def _send(self, call: H2Call) -> None:
         """As much of ``call``'s request as the flow-control windows allow."""
-        stream_id, unsent = call._stream_id, call._unsent
-        window = self._stream_send_windows.get(stream_id, 0)
+        stream_id, unsent, window = call._stream_id, call._unsent, call._send_window
         while unsent:
             room = min(window, self._send_window, self._max_frame)
             if room <= 0:
@@ -364,7 +369,7 @@ class _Connection(asyncio.Protocol):
             window -= len(chunk)
             self._send_window -= len(chunk)
             unsent = unsent[room:]
-        self._stream_send_windows[stream_id] = window
+        call._send_window = window
         call._unsent = unsent
 
     def _flush(self) -> None:
@@ -424,8 +429,8 @@ class _Connection(asyncio.Protocol):
             increment = int.from_bytes(payload[:4], "big") & _MAX_STREAM_ID
             if stream_id == 0:
                 self._send_window += increment
-            elif stream_id in self._stream_send_windows:
-                self._stream_send_windows[stream_id] += increment
+            elif (call := self._calls.get(stream_id)) is not None:
+                call._send_window += increment
             self._send_waiting()
         elif kind == _RST_STREAM:
             call = self._calls.get(stream_id)
@@ -456,12 +461,11 @@ class _Connection(asyncio.Protocol):
         call = self._calls.get(stream_id)
         if call is None:
             return  # a stream we reset
-        unacknowledged = self._stream_unacknowledged[stream_id] + len(payload)
-        if unacknowledged >= _WINDOW // 2 and not flags & _END_STREAM:
-            increment = unacknowledged.to_bytes(4, "big")
+        call._unacknowledged += len(payload)
+        if call._unacknowledged >= _WINDOW // 2 and not flags & _END_STREAM:
+            increment = call._unacknowledged.to_bytes(4, "big")
             self._out.append(_frame(_WINDOW_UPDATE, 0, stream_id, increment))
-            unacknowledged = 0
-        self._stream_unacknowledged[stream_id] = unacknowledged
+            call._unacknowledged = 0
         if flags & _PADDED:
             payload = payload[1 : len(payload) - payload[0]]
         call._data(payload, self._limit)
@@ -490,8 +494,8 @@ class _Connection(asyncio.Protocol):
             if key == _INITIAL_WINDOW:
                 delta = value - self._initial_send_window
                 self._initial_send_window = value
-                for stream_id in self._stream_send_windows:
-                    self._stream_send_windows[stream_id] += delta
+                for call in self._calls.values():
+                    call._send_window += delta
             elif key == _MAX_FRAME:
                 self._max_frame = value
             elif key == _MAX_STREAMS:
@@ -595,11 +599,8 @@ class H2Channel:
             raise rpc_error(
                 _StatusCode.UNAVAILABLE, f"failed to connect to {where}: {exc}"
             ) from None
-        old = self._connection
-        if old is not None:
-            old.usable = False
-            if not old._calls:
-                old.close()
+        if self._connection is not None:
+            self._connection.retire()
         self._connection = connection
         return connection
 

@@ -3,7 +3,7 @@ is built by ``fastpath.grpc_wire`` and the response parsed by it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
@@ -11,7 +11,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from .config import GrpcTls
 from .errors import GatewayError, GatewayTimeout, UpstreamError
-from .grpc_h2 import H2Channel
+from .grpc_h2 import H2Channel, Metadata
 
 _SERVICE = "/inference.GRPCInferenceService/"
 _INFER = (_SERVICE + "ModelInfer").encode()
@@ -30,8 +30,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
 }
-
-Metadata = Sequence[tuple[str, str]]
 
 
 def upstream_error(exc: grpc.aio.AioRpcError) -> GatewayError:
