@@ -13,19 +13,13 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from fastpath import admission, scoring
 from fastpath import state as S
+from tests.conftest import twin_params
 
 NOW = 1000.0
 RANKED = 3  # the choice and two retry fallbacks (Scorer's default max_ranked)
 # Sub-microsecond calls: rounds of >= 200 µs amortize the timer's own ~100 ns per round,
 # and a warmup keeps the first (cold) call from calibrating a single iteration per round.
 MIN_TIME = 0.0002
-
-
-def _twins(py: Any, c: Any) -> list[Any]:
-    return [
-        pytest.param(py, id="py"),
-        pytest.param(c, id="c", marks=pytest.mark.skipif(c is None, reason="not compiled")),
-    ]
 
 
 def _fleet(n: int) -> np.ndarray:
@@ -45,7 +39,7 @@ def _fleet(n: int) -> np.ndarray:
 
 
 @pytest.mark.benchmark(min_time=MIN_TIME, warmup=True)
-@pytest.mark.parametrize("impl", _twins(scoring.scoring_py, scoring.scoring_c))
+@pytest.mark.parametrize("impl", twin_params(scoring.scoring_py, scoring.scoring_c))
 @pytest.mark.parametrize("n", [8, 64])
 def test_rank_hybrid(benchmark: BenchmarkFixture, impl: Any, n: int) -> None:
     benchmark.group = f"rank hybrid, {n} candidates"
@@ -60,7 +54,7 @@ def test_rank_hybrid(benchmark: BenchmarkFixture, impl: Any, n: int) -> None:
 
 
 @pytest.mark.benchmark(group="admit + release", min_time=MIN_TIME, warmup=True)
-@pytest.mark.parametrize("impl", _twins(admission.admission_py, admission.admission_c))
+@pytest.mark.parametrize("impl", twin_params(admission.admission_py, admission.admission_c))
 def test_admit_release(benchmark: BenchmarkFixture, impl: Any) -> None:
     admitter = impl.Admitter(impl.AdmissionConfig(), 4)
     admit = admitter.admit

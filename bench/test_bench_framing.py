@@ -17,6 +17,7 @@ from bench.measure import binary_infer_body
 from fastpath import framing, grpc_wire, infer_request
 from gateway.kserve_codec import decode_infer_body
 from gateway.tensors import json_to_raw
+from tests.conftest import twin_params
 
 STRINGS = [f"token-{i}" for i in range(10_000)]
 STRINGS_ARRAY = np.array(STRINGS, dtype=np.object_)
@@ -25,15 +26,8 @@ INPUT = np.random.default_rng(0).random((1, 384), dtype=np.float32)
 OUTPUT = np.random.default_rng(1).random((1, 128), dtype=np.float32)
 
 
-def _twins(py: Any, c: Any) -> list[Any]:
-    return [
-        pytest.param(py, id="py"),
-        pytest.param(c, id="c", marks=pytest.mark.skipif(c is None, reason="not compiled")),
-    ]
-
-
-FRAMING = _twins(framing.framing_py, framing.framing_c)
-WIRE = _twins(grpc_wire.grpc_wire_py, grpc_wire.grpc_wire_c)
+FRAMING = twin_params(framing.framing_py, framing.framing_c)
+WIRE = twin_params(grpc_wire.grpc_wire_py, grpc_wire.grpc_wire_c)
 
 
 def _response_bytes() -> bytes:
@@ -135,7 +129,7 @@ def test_decode_infer_response_protobuf(benchmark: BenchmarkFixture) -> None:
 
 # ---------------------------------------------------------------------- infer request check
 
-INFER_CHECK = _twins(infer_request.infer_request_py, infer_request.infer_request_c)
+INFER_CHECK = twin_params(infer_request.infer_request_py, infer_request.infer_request_c)
 
 
 def _infer_request() -> tuple[dict[str, Any], memoryview]:

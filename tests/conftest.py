@@ -1,9 +1,13 @@
 """Shared test helpers: a free port on 127.0.0.1 (a free port base for Triton servers
-is gateway.local_triton.find_free_port_base)."""
+is gateway.local_triton.find_free_port_base), and a fastpath module's twins."""
 
 from __future__ import annotations
 
 import socket
+from types import ModuleType
+from typing import Any
+
+import pytest
 
 
 def free_port() -> int:
@@ -11,3 +15,15 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def twin_params(py: ModuleType, c: ModuleType | None) -> list[Any]:
+    """A fastpath module's twins as pytest parameters: the pure-Python one ("py") and
+    the compiled one ("c", skipped when it did not load)."""
+    compiled = pytest.mark.skipif(c is None, reason="compiled twin not loaded")
+    return [pytest.param(py, id="py"), pytest.param(c, id="c", marks=compiled)]
+
+
+def loaded_twins(py: ModuleType, c: ModuleType | None) -> list[ModuleType]:
+    """The twins that loaded, for tests that compare them with each other."""
+    return [py] if c is None else [py, c]

@@ -19,21 +19,13 @@ from fastpath.state import (
     REFUSE_OVER_LIMIT,
     REFUSE_SATURATED,
 )
+from tests.conftest import loaded_twins, twin_params
 
 CRIT, STD, SHED = PRIORITY_CRITICAL, PRIORITY_STANDARD, PRIORITY_SHEDDABLE
 NOW = 1000.0
 
-IMPLS = [
-    pytest.param(admission.admission_py, id="py"),
-    pytest.param(
-        admission.admission_c,
-        id="c",
-        marks=pytest.mark.skipif(
-            admission.admission_c is None, reason="compiled admission not loaded"
-        ),
-    ),
-]
-TWINS = [m for m in (admission.admission_py, admission.admission_c) if m is not None]
+IMPLS = twin_params(admission.admission_py, admission.admission_c)
+TWINS = loaded_twins(admission.admission_py, admission.admission_c)
 
 
 @pytest.fixture(params=IMPLS, scope="module")

@@ -15,15 +15,9 @@ from tritonclient.utils import serialize_byte_tensor as triton_serialize
 
 from fastpath import framing
 from fastpath.errors import FramingError
+from tests.conftest import twin_params
 
-IMPLS = [
-    pytest.param(framing.framing_py, id="py"),
-    pytest.param(
-        framing.framing_c,
-        id="c",
-        marks=pytest.mark.skipif(framing.framing_c is None, reason="compiled framing not loaded"),
-    ),
-]
+IMPLS = twin_params(framing.framing_py, framing.framing_c)
 
 elements = st.lists(st.binary(max_size=20) | st.text(max_size=10), max_size=30)
 

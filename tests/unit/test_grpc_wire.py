@@ -14,16 +14,10 @@ from tritonclient.grpc import service_pb2 as pb
 
 from fastpath import grpc_wire
 from fastpath.errors import FramingError
+from tests.conftest import loaded_twins, twin_params
 
-IMPLS = [
-    pytest.param(grpc_wire.grpc_wire_py, id="py"),
-    pytest.param(
-        grpc_wire.grpc_wire_c,
-        id="c",
-        marks=pytest.mark.skipif(grpc_wire.grpc_wire_c is None, reason="compiled wire not loaded"),
-    ),
-]
-LOADED = [m for m in (grpc_wire.grpc_wire_py, grpc_wire.grpc_wire_c) if m is not None]
+IMPLS = twin_params(grpc_wire.grpc_wire_py, grpc_wire.grpc_wire_c)
+LOADED = loaded_twins(grpc_wire.grpc_wire_py, grpc_wire.grpc_wire_c)
 
 
 @pytest.fixture(params=IMPLS, scope="module")

@@ -13,18 +13,10 @@ from hypothesis import strategies as st
 from fastpath import infer_request
 from fastpath.errors import FramingError
 from gateway.tensors import NUMPY_DTYPES
+from tests.conftest import loaded_twins, twin_params
 
-TWINS = [m for m in (infer_request.infer_request_py, infer_request.infer_request_c) if m]
-IMPLS = [
-    pytest.param(infer_request.infer_request_py, id="py"),
-    pytest.param(
-        infer_request.infer_request_c,
-        id="c",
-        marks=pytest.mark.skipif(
-            infer_request.infer_request_c is None, reason="compiled twin not loaded"
-        ),
-    ),
-]
+TWINS = loaded_twins(infer_request.infer_request_py, infer_request.infer_request_c)
+IMPLS = twin_params(infer_request.infer_request_py, infer_request.infer_request_c)
 
 
 class DataRefused(Exception):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fastpath import scoring
 from fastpath import state as S
+from tests.conftest import loaded_twins, twin_params
 
 NOW = 1000.0
 LQ, RR, P2C, HYBRID, AFFINITY = (
@@ -22,15 +23,8 @@ LQ, RR, P2C, HYBRID, AFFINITY = (
     S.POLICY_PREFIX_AFFINITY,
 )
 
-IMPLS = [
-    pytest.param(scoring.scoring_py, id="py"),
-    pytest.param(
-        scoring.scoring_c,
-        id="c",
-        marks=pytest.mark.skipif(scoring.scoring_c is None, reason="compiled scoring not loaded"),
-    ),
-]
-TWINS = [m for m in (scoring.scoring_py, scoring.scoring_c) if m is not None]
+IMPLS = twin_params(scoring.scoring_py, scoring.scoring_c)
+TWINS = loaded_twins(scoring.scoring_py, scoring.scoring_c)
 
 
 @pytest.fixture(params=IMPLS, scope="module")

@@ -16,19 +16,13 @@ from fastpath.state import (
     REFUSE_TENANT_RATE,
     REFUSE_TENANT_TOKENS,
 )
+from tests.conftest import loaded_twins, twin_params
 
 NOW = 1000.0
 REQ, TOK = BUCKET_REQUESTS, BUCKET_TOKENS
 
-IMPLS = [
-    pytest.param(tenants.tenants_py, id="py"),
-    pytest.param(
-        tenants.tenants_c,
-        id="c",
-        marks=pytest.mark.skipif(tenants.tenants_c is None, reason="compiled tenants not loaded"),
-    ),
-]
-TWINS = [m for m in (tenants.tenants_py, tenants.tenants_c) if m is not None]
+IMPLS = twin_params(tenants.tenants_py, tenants.tenants_c)
+TWINS = loaded_twins(tenants.tenants_py, tenants.tenants_c)
 
 
 @pytest.fixture(params=IMPLS, scope="module")
