@@ -7,8 +7,9 @@ are checked against the gRPC implementation Triton itself is built on (C-core).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -280,6 +281,20 @@ class Transport:
         return default  # no socket
 
 
+@contextlib.contextmanager
+def played_connection() -> Iterator[tuple[_Connection, Transport]]:
+    """A client connection whose Triton side the test plays by hand (its own loop, not
+    run: a Hypothesis test cannot take a function-scoped fixture)."""
+    loop = asyncio.new_event_loop()
+    try:
+        connection = _Connection(loop, LIMIT)
+        transport = Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        yield connection, transport
+    finally:
+        loop.close()
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     return (
         len(payload).to_bytes(3, "big")
@@ -316,11 +331,7 @@ def test_frames_split_anywhere(
     """Two calls' answers, interleaved and padded frames, Huffman-coded header blocks with
     a dynamic table, a header block continued, all delivered in arbitrary pieces: each
     call gets its messages in order and its status."""
-    loop = asyncio.new_event_loop()
-    try:
-        connection = _Connection(loop, LIMIT)
-        transport = Transport()
-        connection.connection_made(transport)  # type: ignore[arg-type]
+    with played_connection() as (connection, transport):
         first = connection.start(STREAM, [], b"a")
         second = connection.start(STREAM, [], b"b")
         encoder = hpack.Encoder()
@@ -355,20 +366,12 @@ def test_frames_split_anywhere(
                 assert call._error is None
         assert not transport.closed
         assert sent_frames(transport.written).count((4, 0x1, 0)) == 1  # SETTINGS acknowledged
-    finally:
-        loop.close()
 
 
 def test_a_broken_connection_fails_its_calls_and_closes() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        connection = _Connection(loop, LIMIT)
-        transport = Transport()
-        connection.connection_made(transport)  # type: ignore[arg-type]
+    with played_connection() as (connection, transport):
         call = connection.start(STREAM, [], b"a")
         connection.data_received(frame(1, 0x4, call._stream_id, b"\xff\xff\xff\xff"))  # bad HPACK
         assert call._error is not None
         assert call._error.code() == grpc.StatusCode.UNAVAILABLE
         assert transport.closed and not connection.usable
-    finally:
-        loop.close()
