@@ -193,8 +193,14 @@ def _log_tail(path: Path) -> str:
 
 
 def _is_ready(server: TritonServer) -> bool:
+    """Models ready and every endpoint serving: Triton opens its metrics port after its
+    HTTP one, and a scrape in between was refused."""
+    return _answers(f"{server.http_url}/v2/health/ready") and _answers(server.metrics_url)
+
+
+def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=1.0) as reply:
+        with urllib.request.urlopen(url, timeout=1.0) as reply:
             return bool(reply.status == 200)
     except (OSError, http.client.HTTPException):  # refused, reset, or 503 while loading
         return False
