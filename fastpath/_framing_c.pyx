@@ -17,7 +17,7 @@ from cpython.bytes cimport (
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.exc cimport PyErr_Clear
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_CheckExact
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy
 
 from fastpath.errors import FramingError
@@ -328,3 +328,64 @@ def elide_long_strings(text, Py_ssize_t min_length):
     finally:
         PyMem_Free(out)
         PyBuffer_Release(&view)
+
+
+def is_utf8(data):
+    cdef Py_buffer view
+    _acquire(data, &view)
+    try:
+        return _utf8_valid(<const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef bint _utf8_valid(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Well-formed UTF-8 as Python's strict decoder takes it (Unicode's table 3-7: no
+    overlong forms, no surrogates, nothing above U+10FFFF)."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t words[4]
+    cdef unsigned char lead, second
+    while i < n:
+        # ASCII, the usual content of a JSON body, 32 then 8 bytes at a time.
+        while i + 32 <= n:
+            memcpy(words, p + i, 32)
+            if (words[0] | words[1] | words[2] | words[3]) & 0x8080808080808080ULL:
+                break
+            i += 32
+        while i + 8 <= n:
+            memcpy(words, p + i, 8)
+            if words[0] & 0x8080808080808080ULL:
+                break
+            i += 8
+        if i >= n:
+            break
+        lead = p[i]
+        if lead < 0x80:
+            i += 1
+        elif lead < 0xC2:  # a continuation byte, or an overlong two-byte form
+            return False
+        elif lead < 0xE0:
+            if i + 1 >= n or p[i + 1] & 0xC0 != 0x80:
+                return False
+            i += 2
+        elif lead < 0xF0:
+            if i + 2 >= n:
+                return False
+            second = p[i + 1]
+            if (lead == 0xE0 and second < 0xA0) or (lead == 0xED and second >= 0xA0):
+                return False  # overlong, or a surrogate
+            if second & 0xC0 != 0x80 or p[i + 2] & 0xC0 != 0x80:
+                return False
+            i += 3
+        elif lead < 0xF5:
+            if i + 3 >= n:
+                return False
+            second = p[i + 1]
+            if (lead == 0xF0 and second < 0x90) or (lead == 0xF4 and second >= 0x90):
+                return False  # overlong, or above U+10FFFF
+            if second & 0xC0 != 0x80 or p[i + 2] & 0xC0 != 0x80 or p[i + 3] & 0xC0 != 0x80:
+                return False
+            i += 4
+        else:
+            return False
+    return True

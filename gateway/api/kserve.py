@@ -14,7 +14,7 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2 as pb
 
 from fastpath import grpc_wire
-from fastpath.framing import sse_event
+from fastpath.framing import is_utf8, sse_event
 
 from .. import kserve_codec as codec
 from .. import sse
@@ -265,14 +265,12 @@ def _valid_utf8_json(
     length_header = headers.get("inference-header-content-length")
     header_length = int(length_header) if length_header is not None else len(body)
     json_part = memoryview(body)[:header_length]
-    try:
-        str(json_part, "utf-8")
-    except UnicodeDecodeError:
-        fixed = str(json_part, "utf-8", "replace").encode()
-        if length_header is not None:
-            headers["inference-header-content-length"] = str(len(fixed))
-        return fixed + memoryview(body)[header_length:], headers
-    return body, headers
+    if is_utf8(json_part):
+        return body, headers
+    fixed = str(json_part, "utf-8", "replace").encode()
+    if length_header is not None:
+        headers["inference-header-content-length"] = str(len(fixed))
+    return fixed + memoryview(body)[header_length:], headers
 
 
 class _Generate:

@@ -250,3 +250,63 @@ def test_twins_elide_alike() -> None:
         limit = rng.randint(0, 6)
         expected = framing.framing_py.elide_long_strings(text, limit)
         assert framing.framing_c.elide_long_strings(text, limit) == expected, (text, limit)
+
+
+def decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# Text around each kind of byte sequence UTF-8 forbids or allows at its edges: overlong
+# forms, surrogates, above U+10FFFF, truncated sequences, stray continuation bytes.
+utf8_edges = [
+    b"\xc0\xaf",
+    b"\xc1\xbf",
+    b"\xc2\x80",
+    b"\xdf\xbf",
+    b"\xe0\x9f\xbf",
+    b"\xe0\xa0\x80",
+    b"\xed\x9f\xbf",
+    b"\xed\xa0\x80",
+    b"\xed\xbf\xbf",
+    b"\xee\x80\x80",
+    b"\xef\xbf\xbf",
+    b"\xf0\x8f\xbf\xbf",
+    b"\xf0\x90\x80\x80",
+    b"\xf4\x8f\xbf\xbf",
+    b"\xf4\x90\x80\x80",
+    b"\xf5\x80\x80\x80",
+    b"\xff",
+    b"\x80",
+    b"\xe2\x82",
+    b"\xf0\x9f\x98",
+    b"\xc3",
+]
+
+
+@pytest.mark.parametrize("edge", utf8_edges)
+def test_is_utf8_agrees_with_the_strict_decoder_at_the_edges(impl: ModuleType, edge: bytes) -> None:
+    for text in (edge, b"ascii ascii " + edge, edge + b" and ascii after it", b"x" * 7 + edge):
+        assert impl.is_utf8(text) is decodes(text), text
+        assert impl.is_utf8(memoryview(bytearray(text))) is decodes(text), text
+
+
+@given(st.lists(st.binary(max_size=6) | st.text(max_size=12).map(str.encode), max_size=12))
+@settings(max_examples=800, deadline=None)
+def test_is_utf8_agrees_with_the_strict_decoder(pieces: list[bytes]) -> None:
+    """Valid text (every plane) mixed with arbitrary bytes: both twins say what
+    ``bytes.decode`` says, wherever a bad sequence falls against the 8-byte ASCII runs."""
+    text = b"".join(pieces)
+    for impl in (framing.framing_py, framing.framing_c):
+        if impl is not None:
+            assert impl.is_utf8(text) is decodes(text), text
+
+
+def test_is_utf8_reads_a_large_ascii_body_and_finds_its_last_byte(impl: ModuleType) -> None:
+    body = bytearray(b'{"data":["' + b"a" * (4 << 20) + b'"]}')
+    assert impl.is_utf8(body)
+    body[-3] = 0xFF
+    assert not impl.is_utf8(body)
