@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from fastpath.http1 import parse_request_head
 
 from .api.keys import CONFIG
-from .http1 import PREALLOCATE_BYTES, FixedBody
+from .http1 import PREALLOCATE_BYTES, BodyReceiver
 
 log = logging.getLogger("meshgate.fastlane")
 
@@ -342,7 +342,6 @@ class FrontConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._head: Head | None = None
         self._route: tuple[_Route, MatchInfo] | None = None
-        self._body: FixedBody | None = None  # a large body, received at its final size
         self.task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # loop time; None while a request is under way
 
@@ -361,12 +360,9 @@ class FrontConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = None
-        if self._body is not None:
-            self._receive_body(data)
-        else:
-            self._buffer += data
-            if self.task is None:
-                self._next_request()
+        self._buffer += data
+        if self.task is None:
+            self._next_request()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -387,10 +383,9 @@ class FrontConnection(asyncio.Protocol):
             self._head, self._route = head, route
             del buffer[: end + 4]
             if head.content_length > PREALLOCATE_BYTES and len(buffer) < head.content_length:
-                self._body = FixedBody(head.content_length)
-                received = bytes(buffer)
+                assert self._transport is not None
+                BodyReceiver(self, self._transport, head.content_length, buffer, self._start)
                 buffer.clear()
-                self._receive_body(received)
                 return
         assert self._head is not None
         length = self._head.content_length
@@ -400,14 +395,6 @@ class FrontConnection(asyncio.Protocol):
             body = bytes(view[:length])
         del buffer[:length]
         self._start(body)
-
-    def _receive_body(self, data: bytes) -> None:
-        body = self._body
-        assert body is not None
-        self._buffer += body.feed(data)  # beyond the body: the next request's first bytes
-        if body.complete:
-            self._body = None
-            self._start(body.buffer)
 
     def _start(self, body: bytes | bytearray) -> None:
         head, (route, match_info) = self._head, self._route  # type: ignore[misc]

@@ -20,7 +20,7 @@ from typing import TypeVar, cast
 
 from fastpath.http1 import parse_reply_head
 
-from .http1 import PREALLOCATE_BYTES, FixedBody, post_head
+from .http1 import PREALLOCATE_BYTES, BodyReceiver, post_head
 
 # Request headers that change what Triton does with the body, forwarded as they are.
 # (Not Content-Encoding: aiohttp has already decompressed the body it hands over.)
@@ -69,7 +69,6 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[HttpReply] | None = None
         self._head: tuple[int, dict[bytes, bytes]] | None = None
         self._length = 0
-        self._body: FixedBody | None = None  # a large body, received at its final size
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,13 +83,7 @@ class _Connection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer and self._head is None and self._body is None and self._whole(data):
-            return
-        if self._body is not None:
-            if self._body.feed(data):
-                self._fail("Triton sent more than the reply's Content-Length")
-            elif self._body.complete:
-                self._reply(self._body.buffer)
+        if not self._buffer and self._head is None and self._whole(data):
             return
         self._buffer += data
         if self._head is None:
@@ -107,10 +100,9 @@ class _Connection(asyncio.Protocol):
                 return
             del self._buffer[: end + 4]
             if self._length > PREALLOCATE_BYTES and len(self._buffer) < self._length:
-                self._body = FixedBody(self._length)
-                received = bytes(self._buffer)
+                assert self.transport is not None
+                BodyReceiver(self, self.transport, self._length, self._buffer, self._reply)
                 self._buffer.clear()
-                self.data_received(received)
                 return
         if len(self._buffer) >= self._length:
             with memoryview(self._buffer) as view:  # one copy of the body, not two
@@ -139,7 +131,6 @@ class _Connection(asyncio.Protocol):
         assert self._head is not None
         status, headers = self._head
         self._head = None
-        self._body = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(HttpReply(status, headers, body))
 

@@ -8,7 +8,6 @@ from gateway import fastlane
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_backends
 from gateway.fastlane import HotRoutes, parse_head
-from gateway.http1 import FixedBody
 
 PLAIN = (
     b"POST /v2/models/embed/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -132,12 +131,3 @@ def test_remembered_matches_stay_right_and_bounded(monkeypatch: pytest.MonkeyPat
     )
     assert first is not None and second is not None
     assert first[1] is not second[1]  # each request has its own match_info
-
-
-def test_a_fixed_body_takes_its_length_and_returns_the_rest() -> None:
-    body = FixedBody(5)
-    assert body.feed(b"ab") == b""
-    assert not body.complete
-    assert body.feed(b"cdeNEXT") == b"NEXT"
-    assert body.complete
-    assert body.buffer == b"abcde"

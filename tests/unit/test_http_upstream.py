@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
+import uvloop
 
-from gateway.http_upstream import HttpPool, UpstreamConnectFailed
+from gateway.http1 import PREALLOCATE_BYTES
+from gateway.http_upstream import HttpPool, UpstreamConnectFailed, UpstreamConnectionError
 from tests.conftest import free_port
 
 
@@ -147,3 +151,66 @@ async def test_a_reply_read_in_parts_is_the_same_reply(
         assert reply.headers[b"content-type"] == b"application/octet-stream"
     assert echo.connections == 1
     pool.close()
+
+
+# A large reply is received by gateway.http1.BodyReceiver, which takes the transport over
+# from the connection's protocol; the gateway's loop (uvloop) and asyncio's each switch
+# protocols their own way.
+LOOPS = [
+    pytest.param(asyncio.new_event_loop, id="asyncio"),
+    pytest.param(uvloop.new_event_loop, id="uvloop"),
+]
+
+
+def run_on(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], scenario: Coroutine[Any, Any, None]
+) -> None:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario)
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+@pytest.mark.parametrize("pieces", [1, 9])
+def test_a_large_reply_arrives_whole_and_the_connection_serves_on(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], pieces: int
+) -> None:
+    async def scenario() -> None:
+        echo = EchoServer()
+        echo.pieces = pieces
+        port = free_port()
+        server = await asyncio.start_server(echo.handle, "127.0.0.1", port)
+        pool = HttpPool(f"127.0.0.1:{port}")
+        try:
+            for body in (os.urandom(3 << 20), b"small", os.urandom(PREALLOCATE_BYTES + 1)):
+                reply = await pool.post("/echo", [], body, timeout=10)
+                assert (reply.status, reply.body) == (200, body)
+            assert echo.connections == 1
+        finally:
+            pool.close()
+            server.close()
+
+    run_on(new_loop, scenario())
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_connection_lost_in_a_large_reply_fails_the_request(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    async def half_a_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        port = free_port()
+        server = await asyncio.start_server(half_a_reply, "127.0.0.1", port)
+        pool = HttpPool(f"127.0.0.1:{port}")
+        try:
+            with pytest.raises(UpstreamConnectionError, match="connection lost"):
+                await pool.post("/echo", [], b"{}", timeout=10)
+        finally:
+            pool.close()
+            server.close()
+
+    run_on(new_loop, scenario())
