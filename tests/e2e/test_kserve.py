@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -40,6 +41,7 @@ async def test_generate_stream_arrives_token_by_token(gateway: Gateway) -> None:
         "temperature": 0.0,
     }
     async with aiohttp.ClientSession() as session:
+        gc.collect()  # not mid-stream: a collection here would read the tokens as a burst
         start = time.monotonic()
         async with session.post(gateway.url + "/v2/models/tiny_lm/generate_stream", json=body) as r:
             assert r.status == 200
