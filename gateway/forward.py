@@ -42,10 +42,6 @@ class Timeouts(NamedTuple):
     total: float  # the request's deadline, propagated to Triton as the gRPC deadline
     idle: float  # longest wait for the next streamed response once one has arrived
 
-    def after(self, elapsed: float) -> Timeouts:
-        """These timeouts once ``elapsed`` seconds of the deadline have gone."""
-        return Timeouts(self.total - elapsed, self.idle)
-
 
 def request_timeouts(request: web.Request) -> Timeouts:
     """The request's deadline (its header, else the configured default) and the
@@ -95,20 +91,26 @@ def admit(request: web.Request, model: str, version: str, affinity: bytes | None
     return lease
 
 
-async def with_failover(lease: Lease, call: Callable[[Backend], Awaitable[T]], timeout: float) -> T:
+async def with_failover(
+    lease: Lease, call: Callable[[Backend, float], Awaitable[T]], timeout: float
+) -> T:
     """Run ``call`` on the lease's first backend; if it could not be reached or says it
     does not have the model now, once more on the next-ranked one, within the retry
-    budget. Only safe before anything was sent to the client. Whatever fails once the
-    request's ``timeout`` has passed is a 504: Triton may word a missed deadline as an
-    internal error."""
+    budget. Only safe before anything was sent to the client. ``call`` gets the backend
+    and what is left of the request's ``timeout`` (seconds since admission), so retries
+    share one deadline. Whatever fails once it has passed is a 504: Triton may word a
+    missed deadline as an internal error."""
     attempts = min(len(lease.slots), 2)
     # Not a generator of backends: one left unfinished on return would be closed by a
     # GeneratorExit raised through its frame, on every request.
     for attempt, slot in enumerate(lease.slots):
+        left = timeout - lease.elapsed()
+        if left <= 0:  # an earlier attempt took it all
+            raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded")
         backend = lease.attempt(slot)
         final = attempt + 1 >= attempts
         try:
-            result = await call(backend)
+            result = await call(backend, left)
         except grpc.aio.AioRpcError as exc:
             if lease.elapsed() >= timeout:
                 raise GatewayTimeout(f"request deadline of {timeout:g} s exceeded") from None
@@ -212,17 +214,17 @@ async def stream_replies(
 
 
 async def open_stream(
-    lease: Lease, replies_for: Callable[[Backend], AsyncGenerator[T, None]], timeout: float
+    lease: Lease, replies_for: Callable[[Backend, float], AsyncGenerator[T, None]], timeout: float
 ) -> tuple[T, StreamRest[T]]:
-    """Start a stream (``replies_for`` a backend) with failover until its first reply
-    (nothing has reached the client before it), within the request's ``timeout``: each
-    attempt's stream carries what is left of it (an HTTP stream its own timer, a gRPC
-    call its deadline: see ``Timeouts.after``), so waiting needs no timer of its own
-    (``asyncio.timeout`` costs ~5 µs, on the way to the first token). Returns that reply
-    and the rest; the caller must ``aclose`` the rest, which ends the upstream call."""
+    """Start a stream (``replies_for`` a backend and what is left of the deadline) with
+    failover until its first reply (nothing has reached the client before it), within
+    the request's ``timeout``: each attempt's stream carries what is left of it (an HTTP
+    stream its own timer, a gRPC call its deadline), so waiting needs no timer of its
+    own (``asyncio.timeout`` costs ~5 µs, on the way to the first token). Returns that
+    reply and the rest; the caller must ``aclose`` the rest, which ends the upstream call."""
 
-    async def first_reply(backend: Backend) -> tuple[T, AsyncGenerator[T, None]]:
-        replies = replies_for(backend)
+    async def first_reply(backend: Backend, left: float) -> tuple[T, AsyncGenerator[T, None]]:
+        replies = replies_for(backend, left)
         try:
             return await anext(replies), replies
         except StopAsyncIteration:

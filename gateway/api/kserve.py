@@ -178,10 +178,10 @@ async def infer(request: web.Request) -> web.Response:
     timeout = request_timeouts(request).total
     grpc_call: list[codec.InferCall] = []  # encoded once, only if a backend needs it
 
-    async def on(backend: Backend) -> web.Response:
+    async def on(backend: Backend, left: float) -> web.Response:
         if backend.http is not None:
             headers = _forwarded_headers(request, lease.trail.metadata, header_length is None)
-            reply = await backend.http.post(request.raw_path, headers, body, timeout)
+            reply = await backend.http.post(request.raw_path, headers, body, left)
             if reply.status == 404:  # the fleet knows the model: this backend lost it
                 raise ModelGone(reply.body.decode("utf-8", "replace"))
             if reply.status == 500:
@@ -195,7 +195,7 @@ async def infer(request: web.Request) -> web.Response:
                 whole = codec.parse_infer(*codec.decode_infer_body(body, header_length))
             grpc_call.append(codec.encode_infer(model, version, whole))
         call = grpc_call[0]
-        wire = await backend.channel.infer(call.wire, timeout, lease.trail.metadata)
+        wire = await backend.channel.infer(call.wire, left, lease.trail.metadata)
         out, out_header_length = codec.encode_infer_response(
             decode_reply(grpc_wire.decode_infer_response, wire), call
         )
@@ -302,12 +302,13 @@ async def generate(request: web.Request) -> web.Response:
     timeouts = request_timeouts(request)
     trail = request[TRAIL]  # its metadata follows the attempt in progress
 
-    async def one_reply(backend: Backend) -> Any:
+    async def one_reply(backend: Backend, left: float) -> Any:
         wire = gen.wire_for(backend)
         if not gen.info(backend).decoupled:
-            reply = await backend.channel.infer(wire, timeouts.total, trail.metadata)
+            reply = await backend.channel.infer(wire, left, trail.metadata)
             return decode_reply(grpc_wire.decode_infer_response, reply)
-        replies = [r async for r in stream_replies(backend, wire, timeouts, trail.metadata)]
+        attempt = timeouts._replace(total=left)
+        replies = [r async for r in stream_replies(backend, wire, attempt, trail.metadata)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
@@ -342,7 +343,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
     live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
-    def events_for(backend: Backend) -> AsyncGenerator[Event, None]:
+    def events_for(backend: Backend, left: float) -> AsyncGenerator[Event, None]:
         live_http.clear()
         if backend.http is not None:
             trace = lease.trail.metadata
@@ -359,8 +360,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                 check=lambda: gen.wire_for(backend),
             )
         wire = gen.wire_for(backend)
-        left = timeouts.after(lease.elapsed())  # of the deadline, after earlier attempts
-        return _grpc_events(stream_replies(backend, wire, left, lease.trail.metadata))
+        attempt = timeouts._replace(total=left)
+        return _grpc_events(stream_replies(backend, wire, attempt, lease.trail.metadata))
 
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
         opener = sse.StreamOpener(request)

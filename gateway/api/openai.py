@@ -320,7 +320,7 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     deadline = asyncio.get_running_loop().time() + timeouts.total
     live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
-    def replies_for(backend: Backend) -> AsyncGenerator[Any, None]:
+    def replies_for(backend: Backend, left: float) -> AsyncGenerator[Any, None]:
         live_http.clear()
         info = fleet.model_info(backend, call.model)
         body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
@@ -330,8 +330,7 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         # the end, while a cancelled gRPC call stops the model at its next token.
         if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
-            left = timeouts.after(lease.elapsed())  # of the deadline, after earlier attempts
-            return stream_replies(backend, wire, left, trace)
+            return stream_replies(backend, wire, timeouts._replace(total=left), trace)
         path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
         events = generate_events(
             backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
