@@ -54,6 +54,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
+from adapters.prometheus import parse_samples
 from bench.measure import (
     JSON_HEADERS,
     StreamSample,
@@ -281,10 +282,31 @@ async def throughput_round(
     return time.perf_counter() - start, latencies, statuses
 
 
+def embed_batching(metrics_url: str) -> tuple[float, float]:
+    """Triton's counts for ``embed`` so far: (requests inferred, model executions)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+        samples = parse_samples(reply.read().decode(), _BATCH_COUNTERS)
+    totals = dict.fromkeys(_BATCH_COUNTERS, 0.0)
+    for (name, labels), value in samples.items():
+        if ("model", "embed") in labels:
+            totals[name] += value
+    return totals["nv_inference_count"], totals["nv_inference_exec_count"]
+
+
+_BATCH_COUNTERS = ("nv_inference_count", "nv_inference_exec_count")
+
+
 async def measure_throughput(
-    endpoints: list[Endpoint], body: bytes, headers: dict[str, str], requests: int, rounds: int
+    endpoints: list[Endpoint],
+    body: bytes,
+    headers: dict[str, str],
+    requests: int,
+    rounds: int,
+    triton_metrics_url: str,
 ) -> dict[str, Any]:
-    """Binary 1x384 ``infer`` at CONCURRENCY: requests/s, latency and CPU per request."""
+    """Binary 1x384 ``infer`` at CONCURRENCY: requests/s, latency and CPU per request, and
+    the mean size of the batches Triton's dynamic batcher made of each target's traffic
+    (it sets Triton's own CPU per request: see bench/README.md)."""
     per_round = requests // rounds
     results: dict[str, Any] = {}
     sessions = {
@@ -293,6 +315,8 @@ async def measure_throughput(
     }
     wall = dict.fromkeys(sessions, 0.0)
     cpu = dict.fromkeys(sessions, 0.0)
+    inferred = dict.fromkeys(sessions, 0.0)
+    executions = dict.fromkeys(sessions, 0.0)
     latencies: dict[str, list[float]] = {name: [] for name in sessions}
     statuses: dict[str, Counter[str]] = {name: Counter() for name in sessions}
     failed: dict[str, str] = {}
@@ -312,6 +336,7 @@ async def measure_throughput(
                 for e in active[shift:] + active[:shift]:
                     url = f"http://127.0.0.1:{e.port}/v2/models/embed/infer"
                     before = e.cpu_seconds()
+                    counts_before = embed_batching(triton_metrics_url)
                     try:
                         seconds, lat, answered = await throughput_round(
                             sessions[e.name], url, body, headers, per_round
@@ -320,6 +345,9 @@ async def measure_throughput(
                         failed[e.name] = f"{type(exc).__name__}: {exc}"[:300]
                         continue
                     cpu[e.name] += e.cpu_seconds() - before
+                    counts = embed_batching(triton_metrics_url)
+                    inferred[e.name] += counts[0] - counts_before[0]
+                    executions[e.name] += counts[1] - counts_before[1]
                     wall[e.name] += seconds
                     latencies[e.name] += lat
                     statuses[e.name] += answered
@@ -340,6 +368,7 @@ async def measure_throughput(
             "statuses": dict(sorted(statuses[e.name].items())),
             "requests_per_s": n / wall[e.name],
             "latency_us": quantiles_us(latencies[e.name]),
+            "triton_mean_batch": inferred[e.name] / max(executions[e.name], 1.0),
         }
         if e.pid is not None:
             row["cpu_us_per_request"] = cpu[e.name] / sent * 1e6
@@ -1010,6 +1039,7 @@ def print_tables(scenarios: dict[str, Any], titles: dict[str, str], tp: dict[str
         print(
             f"{name:<42}{label:<13}{cell(row, 'latency_us', 'p50')}{cell(row, 'latency_us', 'p99')}"
             f"  {row['requests_per_s']:,.0f} req/s{'':>18}{cell(row, 'cpu_us_per_request')}"
+            f"   Triton's mean batch {row['triton_mean_batch']:.2f}"
         )
 
 
@@ -1055,7 +1085,12 @@ def main() -> None:
         workload["throughput"] = {"concurrency": CONCURRENCY, "requests_per_target": tp_requests}
         throughput = asyncio.run(
             measure_throughput(
-                [t["direct"], t["nginx"], t["gateway"]], body, headers, tp_requests, 3
+                [t["direct"], t["nginx"], t["gateway"]],
+                body,
+                headers,
+                tp_requests,
+                3,
+                t["server"].metrics_url,
             )
         )
     micro = microbenchmarks()
