@@ -344,7 +344,8 @@ cdef bint _utf8_valid(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     overlong forms, no surrogates, nothing above U+10FFFF)."""
     cdef Py_ssize_t i = 0
     cdef uint64_t words[4]
-    cdef unsigned char lead, second
+    cdef unsigned char lead, low, high
+    cdef Py_ssize_t length, k
     while i < n:
         # ASCII, the usual content of a JSON body, 32 then 8 bytes at a time.
         while i + 32 <= n:
@@ -362,30 +363,18 @@ cdef bint _utf8_valid(const unsigned char* p, Py_ssize_t n) noexcept nogil:
         lead = p[i]
         if lead < 0x80:
             i += 1
-        elif lead < 0xC2:  # a continuation byte, or an overlong two-byte form
+            continue
+        if lead < 0xC2 or lead > 0xF4:  # a continuation byte, overlong, or past U+10FFFF
             return False
-        elif lead < 0xE0:
-            if i + 1 >= n or p[i + 1] & 0xC0 != 0x80:
-                return False
-            i += 2
-        elif lead < 0xF0:
-            if i + 2 >= n:
-                return False
-            second = p[i + 1]
-            if (lead == 0xE0 and second < 0xA0) or (lead == 0xED and second >= 0xA0):
-                return False  # overlong, or a surrogate
-            if second & 0xC0 != 0x80 or p[i + 2] & 0xC0 != 0x80:
-                return False
-            i += 3
-        elif lead < 0xF5:
-            if i + 3 >= n:
-                return False
-            second = p[i + 1]
-            if (lead == 0xF0 and second < 0x90) or (lead == 0xF4 and second >= 0x90):
-                return False  # overlong, or above U+10FFFF
-            if second & 0xC0 != 0x80 or p[i + 2] & 0xC0 != 0x80 or p[i + 3] & 0xC0 != 0x80:
-                return False
-            i += 4
-        else:
+        length = 2 if lead < 0xE0 else (3 if lead < 0xF0 else 4)
+        # The second byte's range (Unicode's table 3-7) rules out the overlong forms, the
+        # surrogates and the code points above U+10FFFF; the rest are continuation bytes.
+        low = 0xA0 if lead == 0xE0 else (0x90 if lead == 0xF0 else 0x80)
+        high = 0x9F if lead == 0xED else (0x8F if lead == 0xF4 else 0xBF)
+        if i + length > n or not low <= p[i + 1] <= high:
             return False
+        for k in range(i + 2, i + length):
+            if p[k] & 0xC0 != 0x80:
+                return False
+        i += length
     return True
