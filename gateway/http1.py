@@ -19,7 +19,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
     Only as many bytes as the body lacks are asked for, so a read never takes the next
     message's bytes; the connection's protocol gets those, as it would any other."""
 
-    __slots__ = ("_complete", "_filled", "_owner", "_transport", "buffer")
+    __slots__ = ("_buffer", "_complete", "_filled", "_owner", "_transport")
 
     def __init__(
         self,
@@ -33,19 +33,19 @@ class BodyReceiver(asyncio.BufferedProtocol):
         self._owner = owner
         self._transport = transport
         self._complete = complete
-        self.buffer = bytearray(length)
-        self.buffer[: len(received)] = received
+        self._buffer = bytearray(length)
+        self._buffer[: len(received)] = received
         self._filled = len(received)
         transport.set_protocol(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self.buffer)[self._filled :]
+        return memoryview(self._buffer)[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
-        if self._filled == len(self.buffer):
+        if self._filled == len(self._buffer):
             self._transport.set_protocol(self._owner)
-            self._complete(self.buffer)
+            self._complete(self._buffer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.connection_lost(exc)
