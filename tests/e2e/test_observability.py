@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from tests.e2e.conftest import (
 pytestmark = pytest.mark.e2e
 
 SPAN_WAIT_S = 20.0
+# A traced request is sent up to TRACE_ATTEMPTS times, each waited for TRACE_WAIT_S.
+TRACE_ATTEMPTS = 3
+TRACE_WAIT_S = 8.0
 PROMPT = "We hold these truths to be self-evident obs-7431"
 SECRET = "sk-obs-test-never-logged-5521"
 
@@ -162,16 +166,17 @@ def _wait_for_triton_export(fleet: TritonFleet, receiver: Receiver) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def obs_gateway(traced_triton: TritonFleet, receiver: Receiver, run_dir: Path) -> Iterator[Gateway]:
-    config = run_dir / "obs-gateway.toml"
+@contextmanager
+def traced_gateway(backend: str, receiver: Receiver, run_dir: Path, name: str) -> Iterator[Gateway]:
+    """A gateway exporting its spans to ``receiver`` (sampling only traced callers), in
+    front of the traced Triton at ``backend``; once it serves both models."""
+    config = run_dir / f"{name}.toml"
     config.write_text("[admission]\nsheddable_fraction = 0.0\n")
-    server = traced_triton.servers[0]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export spans within 0.1 s
         gw = start_gateway(
-            [f"grpc://{server.grpc_url}?metrics={server.metrics_url}"],
-            run_dir / "obs-gateway.log",
+            [backend],
+            run_dir / f"{name}.log",
             "--config",
             str(config),
             "--trace-exporter",
@@ -189,6 +194,25 @@ def obs_gateway(traced_triton: TritonFleet, receiver: Receiver, run_dir: Path) -
         yield gw
     finally:
         stop_gateway(gw)
+
+
+@pytest.fixture(scope="module")
+def obs_gateway(traced_triton: TritonFleet, receiver: Receiver, run_dir: Path) -> Iterator[Gateway]:
+    """Its backend gRPC-only: every call, unary or stream, goes over gRPC."""
+    server = traced_triton.servers[0]
+    backend = f"grpc://{server.grpc_url}?metrics={server.metrics_url}"
+    with traced_gateway(backend, receiver, run_dir, "obs-gateway") as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def obs_http_gateway(
+    traced_triton: TritonFleet, receiver: Receiver, run_dir: Path
+) -> Iterator[Gateway]:
+    """Its backend with its HTTP endpoint, as ``make run`` starts it: ``infer`` and
+    ``generate_stream`` go to Triton over HTTP, the trace context in headers."""
+    with traced_gateway(traced_triton.servers[0].backend_url, receiver, run_dir, "obs-http") as gw:
+        yield gw
 
 
 def _ready(gw: Gateway, model: str) -> bool:
@@ -298,9 +322,12 @@ async def test_metrics_follow_a_scripted_sequence(obs_gateway: Gateway) -> None:
     assert ("meshgate_backend_ejections_total", frozenset({"backend": "b0"}.items())) in after
 
 
-async def _wait_for(receiver: Receiver, trace_id: str, want: int) -> list[dict[str, Any]]:
-    """The trace's spans once ``want`` upstream-joined Triton spans have arrived."""
-    deadline = time.monotonic() + SPAN_WAIT_S
+async def _wait_for(
+    receiver: Receiver, trace_id: str, want: int, wait_s: float
+) -> list[dict[str, Any]] | None:
+    """The trace's spans once ``want`` upstream-joined Triton spans have arrived, or None
+    after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
     while True:
         spans = receiver.of_trace(trace_id)
         gateway_spans = [s for s in spans if s["source"] == "gateway"]
@@ -309,19 +336,22 @@ async def _wait_for(receiver: Receiver, trace_id: str, want: int) -> list[dict[s
         server = [s for s in gateway_spans if s["parent_id"] and s["name"].startswith("POST")]
         if len(joined) >= want and server:
             return spans
-        assert time.monotonic() < deadline, f"spans of {trace_id} so far: {spans}"
+        if time.monotonic() >= deadline:
+            return None
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("gateway_kind", ["obs_gateway", "obs_http_gateway"])
 @pytest.mark.parametrize("surface", ["infer", "generate_stream"])
 async def test_trace_joins_caller_gateway_and_triton(
-    obs_gateway: Gateway, receiver: Receiver, surface: str
+    request: pytest.FixtureRequest, receiver: Receiver, surface: str, gateway_kind: str
 ) -> None:
-    trace_id = secrets.token_hex(16)
-    caller_span = secrets.token_hex(8)
+    """Over gRPC (metadata) and over HTTP (headers), Triton's spans join the trace under
+    the gateway's upstream span."""
+    obs_gateway: Gateway = request.getfixturevalue(gateway_kind)
     request_id = f"obs-trace-{surface}"
-    headers = {"traceparent": f"00-{trace_id}-{caller_span}-01", "x-request-id": request_id}
     unsampled_id = f"obs-unsampled-{surface}"
+    spans: list[dict[str, Any]] | None = None
     async with aiohttp.ClientSession() as session:
         # No traceparent at ratio 0: nothing of this one may be exported.
         async with session.post(
@@ -330,17 +360,28 @@ async def test_trace_joins_caller_gateway_and_triton(
             headers={"x-request-id": unsampled_id},
         ) as r:
             assert r.status == 200
-        if surface == "infer":
-            async with session.post(
-                obs_gateway.url + "/v2/models/embed/infer", json=EMBED_BODY, headers=headers
-            ) as r:
-                assert r.status == 200
-                assert r.headers["x-request-id"] == request_id
-            model, route = "embed", "POST /v2/models/{model}/infer"
-        else:
-            assert await _stream_events(session, obs_gateway, headers=headers) >= 2
-            model, route = "tiny_lm", "POST /v2/models/{model}/generate_stream"
-    spans = await _wait_for(receiver, trace_id, want=1)
+        # Triton's exporter now and then loses a traced request's spans (seen at its
+        # start, see _wait_for_triton_export, and once mid-run in CI, where the gateway's
+        # four spans of the trace arrived and Triton's never did): a traced request whose
+        # Triton span has not come within TRACE_WAIT_S is sent again, as a new trace.
+        for _ in range(TRACE_ATTEMPTS):
+            trace_id = secrets.token_hex(16)
+            caller_span = secrets.token_hex(8)
+            headers = {"traceparent": f"00-{trace_id}-{caller_span}-01", "x-request-id": request_id}
+            if surface == "infer":
+                async with session.post(
+                    obs_gateway.url + "/v2/models/embed/infer", json=EMBED_BODY, headers=headers
+                ) as r:
+                    assert r.status == 200
+                    assert r.headers["x-request-id"] == request_id
+                model, route = "embed", "POST /v2/models/{model}/infer"
+            else:
+                assert await _stream_events(session, obs_gateway, headers=headers) >= 2
+                model, route = "tiny_lm", "POST /v2/models/{model}/generate_stream"
+            spans = await _wait_for(receiver, trace_id, want=1, wait_s=TRACE_WAIT_S)
+            if spans is not None:
+                break
+    assert spans is not None, f"no trace of {TRACE_ATTEMPTS} joined Triton's span"
     gateway_spans = {s["name"]: s for s in spans if s["source"] == "gateway"}
     assert set(gateway_spans) == {route, "scoring", "admission", "upstream"}, spans
     server = gateway_spans[route]
