@@ -2,6 +2,7 @@
 complete, how much memory does the gateway take, and does its event loop stall?
 
     .venv/bin/python -m bench.streams [--streams 1000] [--max-tokens 24] [--ms-per-token 20]
+                                     [--pin]
 
 Starts ``--servers`` tritonserver processes on a copy of tiny_lm whose one instance
 generates every sequence at once (config parameter ``concurrent_sequences``; the
@@ -69,6 +70,30 @@ def proc_status_bytes(pid: int, field_name: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith(field_name + ":"))
     return int(line.split()[1]) * 1024
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (Triton's Python backend stubs)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                children[parent].append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children[tree[-1]]
+    return tree
+
+
+def pin(processes: list[int], cpus: set[int]) -> None:
+    """Every thread of ``processes`` onto ``cpus`` (affinity is per thread)."""
+    for process in processes:
+        with contextlib.suppress(OSError):
+            for thread in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(thread), cpus)
 
 
 def loop_thread_times(pid: int) -> tuple[float, float]:
@@ -203,6 +228,14 @@ def fleet_and_gateway(args: argparse.Namespace, run_dir: Path) -> Iterator[Gatew
         gateway = start_gateway(backends, run_dir / "gateway.log", *flags)
         try:
             wait_model_ready(gateway.url, "tiny_lm", time.monotonic() + 60)
+            if args.pin:
+                # The gateway alone on the last CPU; Triton (with its backend stubs) and
+                # this client (not its children: the gateway and Triton) on the rest.
+                cpus = sorted(os.sched_getaffinity(0))
+                pin([os.getpid()], set(cpus[:-1]))
+                for server in fleet.servers:
+                    pin(process_tree(server.pid), set(cpus[:-1]))
+                pin(process_tree(gateway.process.pid), {cpus[-1]})
             yield gateway
         finally:
             stop_gateway(gateway)
@@ -214,6 +247,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24, help="per stream (default 24)")
     parser.add_argument("--ms-per-token", type=int, default=20, help="tiny_lm pace (default 20)")
     parser.add_argument("--servers", type=int, default=2, help="tritonservers (default 2)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the gateway alone on the last CPU, Triton and the client on the others: its "
+        "loop lag is then its own, not time spent waiting for a CPU (needs 2+ CPUs)",
+    )
     args = parser.parse_args()
 
     run_dir = Path(".run/bench-streams")
@@ -225,9 +264,10 @@ def main() -> None:
 
     for name, value in results.items():
         print(f"{name:22} {value}")
-    names = ("streams", "max_tokens", "ms_per_token", "servers")
+    names = ("streams", "max_tokens", "ms_per_token", "servers", "pin")
     workload = {name: getattr(args, name) for name in names}
-    write_record("streams", f"streams-s{args.streams}", {"workload": workload, **results})
+    name = f"streams-s{args.streams}" + ("-pinned" if args.pin else "")
+    write_record("streams", name, {"workload": workload, **results})
 
 
 if __name__ == "__main__":
