@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from fastpath.http1 import parse_request_head
 
 from .api.keys import CONFIG
-from .http1 import PREALLOCATE_BYTES, BodyReceiver
+from .http1 import receive_in_place
 
 log = logging.getLogger("meshgate.fastlane")
 
@@ -382,10 +382,8 @@ class FrontConnection(asyncio.Protocol):
                 return
             self._head, self._route = head, route
             del buffer[: end + 4]
-            if head.content_length > PREALLOCATE_BYTES and len(buffer) < head.content_length:
-                assert self._transport is not None
-                BodyReceiver(self, self._transport, head.content_length, buffer, self._start)
-                buffer.clear()
+            assert self._transport is not None
+            if receive_in_place(self, self._transport, head.content_length, buffer, self._start):
                 return
         assert self._head is not None
         length = self._head.content_length

@@ -57,6 +57,24 @@ class BodyReceiver(asyncio.BufferedProtocol):
         self._owner.resume_writing()
 
 
+def receive_in_place(
+    owner: asyncio.Protocol,
+    transport: asyncio.Transport,
+    length: int,
+    buffer: bytearray,
+    complete: Callable[[bytearray], None],
+) -> bool:
+    """For a body of ``length`` bytes, of which ``buffer`` holds the first: when it is
+    large and not all here, a BodyReceiver takes the transport over from ``owner`` with
+    what ``buffer`` holds (then emptied) and calls ``complete`` with the whole body
+    (True); else nothing happens (False) and ``owner`` goes on reading it itself."""
+    if length <= PREALLOCATE_BYTES or len(buffer) >= length:
+        return False
+    BodyReceiver(owner, transport, length, buffer, complete)
+    buffer.clear()
+    return True
+
+
 def post_head(host: bytes, path: str, headers: Sequence[tuple[str, str]], length: int) -> bytes:
     """The head of a POST of ``length`` body bytes to ``path`` on ``host``, with
     ``headers`` (values in Latin-1, as HTTP/1.1 allows), and its blank line."""

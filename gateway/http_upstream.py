@@ -20,7 +20,7 @@ from typing import TypeVar, cast
 
 from fastpath.http1 import parse_reply_head
 
-from .http1 import PREALLOCATE_BYTES, BodyReceiver, post_head
+from .http1 import post_head, receive_in_place
 
 # Request headers that change what Triton does with the body, forwarded as they are.
 # (Not Content-Encoding: aiohttp has already decompressed the body it hands over.)
@@ -99,10 +99,8 @@ class _Connection(asyncio.Protocol):
                 self._fail(f"unsupported reply from Triton: {exc!r}")
                 return
             del self._buffer[: end + 4]
-            if self._length > PREALLOCATE_BYTES and len(self._buffer) < self._length:
-                assert self.transport is not None
-                BodyReceiver(self, self.transport, self._length, self._buffer, self._reply)
-                self._buffer.clear()
+            assert self.transport is not None
+            if receive_in_place(self, self.transport, self._length, self._buffer, self._reply):
                 return
         if len(self._buffer) >= self._length:
             with memoryview(self._buffer) as view:  # one copy of the body, not two
