@@ -3,10 +3,10 @@
 A delta names its key (backend + model, or backend + GPU uuid), when it was observed
 (``observed_at``, wall-clock ``time.time()`` seconds, since sidecars send deltas from
 other hosts) and how long its source's readings stay trustworthy (``max_age``, seconds,
-4x the source's interval). Every other field is ``None`` unless it changed since the
-previous observation of that key; a delta with no changed field is a heartbeat that
-only says "still true as of ``observed_at``", which is what keeps a quiet backend from
-going stale.
+``STALE_AFTER_INTERVALS`` x the source's interval; a Triton scrape's at least 1 s).
+Every other field is ``None`` unless it changed since the previous observation of that
+key; a delta with no changed field is a heartbeat that only says "still true as of
+``observed_at``", which is what keeps a quiet backend from going stale.
 
 Applying deltas: fields are absolute values, never increments, so applying one delta
 twice changes nothing (idempotent). Deltas can arrive out of order (several sidecars,
@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
+# A reading is trusted for this many of its source's refresh intervals.
+STALE_AFTER_INTERVALS = 4.0
 MODEL_KIND = "model"
 GPU_KIND = "gpu"
 

@@ -28,11 +28,18 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .deltas import Delta, DeltaSink, DeltaTracker, GpuStateDelta, batch_to_json, every
+from .deltas import (
+    STALE_AFTER_INTERVALS,
+    Delta,
+    DeltaSink,
+    DeltaTracker,
+    GpuStateDelta,
+    batch_to_json,
+    every,
+)
 
 log = logging.getLogger("meshgate.adapters.gpu")
 
-STALE_AFTER_INTERVALS = 4.0
 TOKEN_ENV = "MESHGATE_ADMIN_TOKEN"
 # Deltas kept while the gateway is unreachable; the oldest go first. After a failed
 # push the next poll is reported in full anyway, so old deltas only matter for order.

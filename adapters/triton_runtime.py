@@ -37,7 +37,15 @@ from typing import Any
 
 import aiohttp
 
-from .deltas import Delta, DeltaSink, DeltaTracker, GpuStateDelta, ModelStateDelta, every
+from .deltas import (
+    STALE_AFTER_INTERVALS,
+    Delta,
+    DeltaSink,
+    DeltaTracker,
+    GpuStateDelta,
+    ModelStateDelta,
+    every,
+)
 from .prometheus import Labels, Samples, parse_samples
 
 log = logging.getLogger("meshgate.adapters.triton_runtime")
@@ -63,14 +71,18 @@ SCRAPED = (
     GPU_UTILIZATION,
 )
 
-# A reading is trusted for this many of its source's refresh intervals, and for at least
-# MIN_MAX_AGE_S: a reading refreshed often is not wrong sooner, and a loaded host can
-# delay a scrape by a few hundred milliseconds (at --scrape-interval 0.1 the limit was
-# 0.4 s, and such a delay refused every request as "saturated").
-STALE_AFTER_INTERVALS = 4.0
+# A scraped reading is trusted for STALE_AFTER_INTERVALS of its refresh intervals and
+# for at least MIN_MAX_AGE_S: a reading refreshed often is not wrong sooner, and a loaded
+# host can delay a scrape by a few hundred milliseconds (at --scrape-interval 0.1 the
+# limit was 0.4 s, and such a delay refused every request as "saturated").
 MIN_MAX_AGE_S = 1.0
 # Triton's default --metrics-interval-ms: how often it refreshes its GPU metrics.
 TRITON_GPU_METRICS_INTERVAL_S = 2.0
+
+
+def max_age(refresh_interval: float) -> float:
+    """How long a reading refreshed every ``refresh_interval`` seconds is trusted."""
+    return max(STALE_AFTER_INTERVALS * refresh_interval, MIN_MAX_AGE_S)
 
 
 class ScrapeError(Exception):
@@ -171,10 +183,9 @@ class TritonRuntimeAdapter:
         self.backend_id = backend_id
         self.metrics_url = metrics_url
         self.interval = interval
-        self.model_max_age = max(STALE_AFTER_INTERVALS * interval, MIN_MAX_AGE_S)
-        self.gpu_max_age = max(
-            STALE_AFTER_INTERVALS * max(interval, gpu_metrics_interval), MIN_MAX_AGE_S
-        )
+        self.model_max_age = max_age(interval)
+        # A GPU reading is as old as Triton's own refresh of it, whatever our scrape rate.
+        self.gpu_max_age = max_age(max(interval, gpu_metrics_interval))
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._tracker = DeltaTracker()
