@@ -44,30 +44,33 @@ class PeerUnavailable(RuntimeError):
     """A peer cannot run on this machine; the message says why, for the bench's record."""
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user, system and the softirq work done on their behalf) of ``pid``
-    and its living descendants (nginx's worker, a server's worker processes).
-
-    Summed over their threads' scheduler run time (``/proc/PID/task/TID/schedstat``,
-    in nanoseconds): ``/proc/PID/stat`` gives the same total in 10 ms units, and a
-    window of 1,000 requests at nginx's ~60 µs each is 6 of them (a thread that ends
-    inside a window is not counted; the processes measured here keep theirs)."""
-    parents: dict[int, int] = {}
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants (nginx's worker, a server's worker processes,
+    Triton's Python backend stubs)."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             # Fields after the ")" that closes the command name: state, ppid, ...
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # a process that ended while we looked
             continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    total_ns = 0
-    for child in parents:
-        ancestor = child
-        while ancestor not in (pid, 0, 1) and ancestor in parents:
-            ancestor = parents[ancestor]
-        if ancestor == pid:
-            total_ns += run_time_ns(child)
-    return total_ns / 1e9
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user, system and the softirq work done on their behalf) of ``pid``
+    and its living descendants.
+
+    Summed over their threads' scheduler run time (``/proc/PID/task/TID/schedstat``,
+    in nanoseconds): ``/proc/PID/stat`` gives the same total in 10 ms units, and a
+    window of 1,000 requests at nginx's ~60 µs each is 6 of them (a thread that ends
+    inside a window is not counted; the processes measured here keep theirs)."""
+    return sum(run_time_ns(process) for process in process_tree(pid)) / 1e9
 
 
 def run_time_ns(pid: int) -> int:

@@ -282,6 +282,9 @@ async def throughput_round(
     return time.perf_counter() - start, latencies, statuses
 
 
+_BATCH_COUNTERS = ("nv_inference_count", "nv_inference_exec_count")
+
+
 def embed_batching(metrics_url: str) -> tuple[float, float]:
     """Triton's counts for ``embed`` so far: (requests inferred, model executions)."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:
@@ -291,9 +294,6 @@ def embed_batching(metrics_url: str) -> tuple[float, float]:
         if ("model", "embed") in labels:
             totals[name] += value
     return totals["nv_inference_count"], totals["nv_inference_exec_count"]
-
-
-_BATCH_COUNTERS = ("nv_inference_count", "nv_inference_exec_count")
 
 
 async def measure_throughput(

@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.peers import process_tree
 from bench.record import write_record
 from gateway.local_triton import TritonFleet, find_free_port_base
 from tests.e2e.conftest import (
@@ -70,21 +71,6 @@ def proc_status_bytes(pid: int, field_name: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith(field_name + ":"))
     return int(line.split()[1]) * 1024
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every process descended from it (Triton's Python backend stubs)."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                children[parent].append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children[tree[-1]]
-    return tree
 
 
 def pin(processes: list[int], cpus: set[int]) -> None:
