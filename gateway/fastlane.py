@@ -32,6 +32,7 @@ from fastpath.http1 import parse_request_head
 
 from .api.keys import CONFIG
 from .http1 import receive_in_place
+from .pacing import StartPacer
 
 log = logging.getLogger("meshgate.fastlane")
 
@@ -291,6 +292,8 @@ class FastLane:
         # its Signal.send would, without that coroutine per response.
         self.on_response_prepare = tuple(app.on_response_prepare)
         self.connections: set[FrontConnection] = set()
+        # A burst of requests starts over several loop iterations (gateway/pacing.py).
+        self.pacer = StartPacer(asyncio.get_running_loop())
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -414,7 +417,10 @@ class FrontConnection(asyncio.Protocol):
     async def _serve(self, request: FrontRequest, handler: Handler, close: bool) -> None:
         # Duck-typed: FrontRequest offers what the middlewares and HOT_ROUTES' handlers use.
         aiohttp_request = cast(web.Request, request)
+        pacer = self._lane.pacer
         try:
+            if not pacer.may_start():
+                await pacer.wait()
             response = await handler(aiohttp_request)
             close = close or self._lane.draining
             if request.stream is not None:
