@@ -8,6 +8,7 @@ and what drains alongside the fast lane on shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import ssl
 from collections.abc import Callable
@@ -105,6 +106,12 @@ async def _serve(
             runner, config.host, config.port, ssl_context=ssl_context, reuse_port=reuse_port
         )
         await site.start()
+        # Everything made so far (modules, the app, its clients) lives as long as the
+        # process: out of the garbage collector's sight, a full collection walks only
+        # the objects of requests. Measured (bench/README.md, "1,000 concurrent
+        # streams"): a full collection took ~50 ms with no request in flight, and held
+        # the loop 83 ms at 1,000 streams against 60 ms with this.
+        gc.freeze()
         on_listening()
         await asyncio.Event().wait()  # until a signal ends the loop
     finally:
