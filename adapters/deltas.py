@@ -2,8 +2,8 @@
 
 A delta names its key (backend + model, or backend + GPU uuid), when it was observed
 (``observed_at``, wall-clock ``time.time()`` seconds, since sidecars send deltas from
-other hosts) and how long its source's readings stay trustworthy (``max_age``, seconds,
-``STALE_AFTER_INTERVALS`` x the source's interval; a Triton scrape's at least 1 s).
+other hosts) and how long its source's readings stay trustworthy (``max_age``, seconds:
+``max_age(interval)`` for a source refreshed every ``interval``).
 Every other field is ``None`` unless it changed since the previous observation of that
 key; a delta with no changed field is a heartbeat that only says "still true as of
 ``observed_at``", which is what keeps a quiet backend from going stale.
@@ -26,10 +26,20 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
-# A reading is trusted for this many of its source's refresh intervals.
+# A reading is trusted for STALE_AFTER_INTERVALS of its source's refresh intervals and
+# for at least MIN_MAX_AGE_S: a reading refreshed often is not wrong sooner, and a loaded
+# host can delay a scrape or a sidecar's push by a few hundred milliseconds (a Triton
+# scrape every 0.1 s was trusted for 0.4 s, and such a delay refused every request as
+# "saturated": a stale signal counts as saturated).
 STALE_AFTER_INTERVALS = 4.0
+MIN_MAX_AGE_S = 1.0
 MODEL_KIND = "model"
 GPU_KIND = "gpu"
+
+
+def max_age(refresh_interval: float) -> float:
+    """How long a reading refreshed every ``refresh_interval`` seconds is trusted."""
+    return max(STALE_AFTER_INTERVALS * refresh_interval, MIN_MAX_AGE_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,13 @@ from typing import Any, Protocol
 import aiohttp
 
 from .deltas import (
-    STALE_AFTER_INTERVALS,
     Delta,
     DeltaSink,
     DeltaTracker,
     GpuStateDelta,
     batch_to_json,
     every,
+    max_age,
 )
 
 log = logging.getLogger("meshgate.adapters.gpu")
@@ -173,7 +173,7 @@ class GpuAdapter:
         self.backend_id = backend_id
         self.source = source
         self.interval = interval
-        self.max_age = STALE_AFTER_INTERVALS * interval
+        self.max_age = max_age(interval)
         # Why there is no GPU signal right now, or None while readings come in.
         self.no_signal: str | None = None
         self._tracker = DeltaTracker()

@@ -38,13 +38,13 @@ from typing import Any
 import aiohttp
 
 from .deltas import (
-    STALE_AFTER_INTERVALS,
     Delta,
     DeltaSink,
     DeltaTracker,
     GpuStateDelta,
     ModelStateDelta,
     every,
+    max_age,
 )
 from .prometheus import Labels, Samples, parse_samples
 
@@ -71,18 +71,8 @@ SCRAPED = (
     GPU_UTILIZATION,
 )
 
-# A scraped reading is trusted for STALE_AFTER_INTERVALS of its refresh intervals and
-# for at least MIN_MAX_AGE_S: a reading refreshed often is not wrong sooner, and a loaded
-# host can delay a scrape by a few hundred milliseconds (at --scrape-interval 0.1 the
-# limit was 0.4 s, and such a delay refused every request as "saturated").
-MIN_MAX_AGE_S = 1.0
 # Triton's default --metrics-interval-ms: how often it refreshes its GPU metrics.
 TRITON_GPU_METRICS_INTERVAL_S = 2.0
-
-
-def max_age(refresh_interval: float) -> float:
-    """How long a reading refreshed every ``refresh_interval`` seconds is trusted."""
-    return max(STALE_AFTER_INTERVALS * refresh_interval, MIN_MAX_AGE_S)
 
 
 class ScrapeError(Exception):

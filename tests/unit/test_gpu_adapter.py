@@ -158,6 +158,20 @@ def test_signal_coming_back_is_logged_and_reported(
     ]
 
 
+@pytest.mark.parametrize(
+    ("interval", "trusted_for"), [(0.1, 1.0), (0.25, 1.0), (0.5, 2.0), (2.0, 8.0)]
+)
+def test_readings_are_trusted_for_four_polls_and_at_least_a_second(
+    tmp_path: Path, interval: float, trusted_for: float
+) -> None:
+    """As a scrape's: a push delayed by a few hundred ms on a loaded host must not make a
+    sidecar polling every 0.1 s stale (stale counts as saturated)."""
+    readings = tmp_path / "gpus.json"
+    script(readings, ("GPU-a", 1, 2, 0.5))
+    adapter = GpuAdapter("b0", ScriptedNvmlSource(readings), interval=interval)
+    assert [d.max_age for d in adapter.poll_once()] == [trusted_for]
+
+
 async def test_run_feeds_the_sink_until_stopped(tmp_path: Path) -> None:
     readings = tmp_path / "gpus.json"
     script(readings, ("GPU-a", 1, 2, 0.5))
