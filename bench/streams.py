@@ -21,7 +21,9 @@ reads the max since the previous one), the p99 is the upper bound of the
 ``meshgate_event_loop_lag_seconds`` bucket holding the 99th percentile of the run's
 readings. Lag is wall time, so a loop thread that waits for a CPU (2 cores shared with
 Triton, the client and whatever else runs) shows as lag too: the loop thread's CPU time
-and run-queue wait over the run (/proc/PID/schedstat) tell the two apart. Prints a
+and run-queue wait over the run (/proc/PID/schedstat) tell the two apart, and the run's
+garbage collections on the loop (``meshgate_gc_pause_seconds``: how many per
+generation, and the bucket of the longest) tell a collection from other work. Prints a
 table and writes JSON to bench/results/.
 """
 
@@ -60,6 +62,7 @@ from tests.e2e.conftest import (
 ADMIN_TOKEN = "bench-streams-admin-token"
 LAG = "meshgate_event_loop_lag_seconds"
 LAG_MAX = "meshgate_event_loop_lag_max_seconds"
+GC_PAUSE = "meshgate_gc_pause_seconds"
 WARM_UP_STREAMS = 16
 RSS_EVERY_S = 0.1
 METRICS_EVERY_S = 1.0
@@ -95,31 +98,49 @@ class LagReadings:
     """What the gateway's /metrics said about its loop lag, scrape after scrape."""
 
     maxima: list[float] = field(default_factory=list)
-    first_buckets: dict[float, float] = field(default_factory=dict)
-    last_buckets: dict[float, float] = field(default_factory=dict)
+    # (histogram, generation label or "") -> {le: cumulative count}, at the first and
+    # at the last scrape: the loop lag, and each generation's garbage collections.
+    first_buckets: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)
+    last_buckets: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)
 
     def add(self, metrics_text: str) -> None:
-        buckets: dict[float, float] = {}
+        buckets: dict[tuple[str, str], dict[float, float]] = collections.defaultdict(dict)
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
                 if sample.name == LAG_MAX:
                     self.maxima.append(sample.value)
-                elif sample.name == LAG + "_bucket":
-                    buckets[float(sample.labels["le"])] = sample.value
+                elif sample.name in (LAG + "_bucket", GC_PAUSE + "_bucket"):
+                    key = (sample.name, sample.labels.get("generation", ""))
+                    buckets[key][float(sample.labels["le"])] = sample.value
         if not self.first_buckets:
             self.first_buckets = buckets
         self.last_buckets = buckets
 
+    def counts(self, histogram: str, generation: str = "") -> dict[float, float]:
+        """Per bucket (cumulative), what the run added between the first and last scrape."""
+        key = (histogram + "_bucket", generation)
+        first = self.first_buckets.get(key, {})
+        return {le: n - first.get(le, 0.0) for le, n in self.last_buckets.get(key, {}).items()}
+
     def summary(self) -> dict[str, Any]:
-        """Max and p99 over the readings after the first scrape (which only resets)."""
-        counts = {le: n - self.first_buckets.get(le, 0.0) for le, n in self.last_buckets.items()}
+        """Max and p99 over the readings after the first scrape (which only resets), and
+        the run's garbage collections per generation: how many, and the bucket bound of
+        the longest (what the max lag may have been)."""
+        counts = self.counts(LAG)
         readings = counts.get(float("inf"), 0.0)
         p99 = next((le for le, n in sorted(counts.items()) if n >= 0.99 * readings), None)
+        collections_ = {}
+        for generation in ("0", "1", "2"):
+            pauses = self.counts(GC_PAUSE, generation)
+            total = pauses.get(float("inf"), 0.0)
+            longest = next((le for le, n in sorted(pauses.items()) if n >= total), None)
+            collections_[generation] = {"count": int(total), "longest_bucket_s": longest}
         return {
             "readings": int(readings),
             "max_s": max(self.maxima[1:], default=None),
             "p99_bucket_s": p99,
             "over_50ms": int(readings - counts.get(0.05, 0.0)),
+            "gc_pauses": collections_,
         }
 
 

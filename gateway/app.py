@@ -14,7 +14,7 @@ from .auth import TENANTS, Tenants, add_rate_headers, authenticate
 from .config import GatewayConfig
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StatusError
 from .fleet import Fleet
-from .loop_lag import watch_loop_lag
+from .loop_lag import watch_gc_pauses, watch_loop_lag
 from .metrics import Metrics
 from .router import Router
 from .signals import SignalPlane
@@ -116,6 +116,8 @@ def create_app(config: GatewayConfig, fleet: Fleet | None = None) -> web.Applica
         if metrics is not None:
             lag = watch_loop_lag(metrics.observe_loop_lag, stop)
             background.append(asyncio.create_task(lag, name="loop-lag"))
+            pauses = watch_gc_pauses(metrics.observe_gc_pause, stop)
+            background.append(asyncio.create_task(pauses, name="gc-pauses"))
 
     async def close_planes(app: web.Application) -> None:
         stop.set()

@@ -1,4 +1,5 @@
-"""Event-loop lag: how late the loop wakes a task whose timer is due.
+"""What held the event loop: its lag (how late it wakes a task whose timer is due) and
+the garbage collections that ran on it.
 
 Every request this process serves waits that long behind whatever held the loop (a
 slow callback, a long synchronous stretch, garbage collection, a starved CPU), so it is
@@ -12,6 +13,8 @@ millisecond: uvloop's timers count whole ones.
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from collections.abc import Callable
 
@@ -28,3 +31,29 @@ async def watch_loop_lag(
         await asyncio.sleep(interval)
         # A timer may fire a fraction of a millisecond early (uvloop's cached clock).
         record(max(0.0, time.perf_counter() - started - interval))
+
+
+async def watch_gc_pauses(record: Callable[[int, float], None], stop: asyncio.Event) -> None:
+    """Until ``stop`` is set, pass ``record`` the generation and the seconds of each
+    garbage collection run on this thread, the loop's: a collection holds the loop for
+    its whole length (a full one over 1,000 streams' objects took ~60 ms here,
+    bench/README.md), so a lag reading can be told apart from a collection. One callback
+    per collection is the whole cost. Collections run by the process's other threads
+    (they allocate little) are not recorded: ``record`` runs on the loop's thread only."""
+    loop_thread = threading.get_ident()
+    started = 0.0
+
+    def on_collection(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if threading.get_ident() != loop_thread:
+            return
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            record(info["generation"], time.perf_counter() - started)
+
+    gc.callbacks.append(on_collection)
+    try:
+        await stop.wait()
+    finally:
+        gc.callbacks.remove(on_collection)

@@ -180,6 +180,13 @@ class Metrics:
             "The longest event-loop lag since the previous scrape of /metrics.",
         )
         r.register(self.loop_lag_max)
+        gc_pause = FastHistogram(
+            "meshgate_gc_pause_seconds",
+            "Garbage collections on the event loop's thread, by generation (2: a full one),"
+            " each as long as it held the loop (gateway/loop_lag.py).",
+            ("generation",), buckets=_LOOP_LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._gc_pauses = tuple(gc_pause.labels(str(generation)) for generation in range(3))
         r.register(FleetCollector(fleet, outliers, scorer))
         self._series: dict[tuple[str, str, str, str], Series] = {}
         self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
@@ -221,6 +228,10 @@ class Metrics:
         """One reading of ``gateway.loop_lag.watch_loop_lag``."""
         self.loop_lag.observe(seconds)
         self.loop_lag_max.observe(seconds)
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        """One collection seen by ``gateway.loop_lag.watch_gc_pauses``."""
+        self._gc_pauses[generation].observe(seconds)
 
     async def handle(self, request: web.Request) -> web.Response:
         """``GET /metrics`` in Prometheus' text format."""

@@ -82,15 +82,18 @@ async def test_hundreds_of_streams_complete_with_every_token(gateway: Gateway) -
         await asyncio.sleep(0.1)
 
 
-async def test_event_loop_lag_is_exposed(gateway: Gateway) -> None:
+async def test_event_loop_lag_and_gc_pauses_are_exposed(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(gateway.url + "/metrics") as reply:
             text = await reply.text()
     samples = {
-        sample.name: sample.value
+        (sample.name, sample.labels.get("generation")): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name.startswith("meshgate_event_loop_lag")
+        if sample.name.startswith(("meshgate_event_loop_lag", "meshgate_gc_pause"))
     }
-    assert samples["meshgate_event_loop_lag_seconds_count"] > 0  # a reading every 10 ms
-    assert samples["meshgate_event_loop_lag_max_seconds"] >= 0.0
+    assert samples[("meshgate_event_loop_lag_seconds_count", None)] > 0  # a reading every 50 ms
+    assert samples[("meshgate_event_loop_lag_max_seconds", None)] >= 0.0
+    # Hundreds of streams (and the gateway's start) allocate enough for young collections.
+    assert samples[("meshgate_gc_pause_seconds_count", "0")] > 0
+    assert ("meshgate_gc_pause_seconds_count", "2") in samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from prometheus_client import generate_latest
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastpath.scoring import Scorer, ScoringConfig
 from gateway.config import GatewayConfig
 from gateway.fleet import Fleet
-from gateway.loop_lag import watch_loop_lag
+from gateway.loop_lag import watch_gc_pauses, watch_loop_lag
 from gateway.metrics import MaxSinceScrape, Metrics
 from gateway.outliers import OutlierDetector
 
@@ -28,6 +29,23 @@ async def test_a_blocked_loop_is_measured_as_lag() -> None:
     assert min(readings) >= 0.0
     # The stall is at least 50 ms minus the part of the interval still to go.
     assert max(readings) >= 0.04
+
+
+async def test_each_collection_on_the_loop_is_recorded_with_its_generation() -> None:
+    pauses: list[tuple[int, float]] = []
+    callbacks = len(gc.callbacks)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_gc_pauses(lambda g, s: pauses.append((g, s)), stop))
+    await asyncio.sleep(0)  # the watcher is installed
+    gc.collect(0)
+    gc.collect(2)
+    await asyncio.to_thread(gc.collect)  # another thread's: not the loop's
+    stop.set()
+    await asyncio.wait_for(watcher, timeout=1)
+    gc.collect()  # after the watcher stopped
+    assert [generation for generation, _ in pauses] == [0, 2]
+    assert all(seconds >= 0 for _, seconds in pauses)
+    assert len(gc.callbacks) == callbacks  # removed once stopped
 
 
 def test_max_since_scrape_resets_on_each_scrape() -> None:
@@ -56,3 +74,23 @@ def test_loop_lag_is_exposed() -> None:
     assert samples[("meshgate_event_loop_lag_seconds_count", None)] == 2
     assert samples[("meshgate_event_loop_lag_seconds_bucket", "0.05")] == 1
     assert samples[("meshgate_event_loop_lag_max_seconds", None)] == 0.07
+
+
+def test_gc_pauses_are_exposed_by_generation() -> None:
+    fleet = Fleet(GatewayConfig())
+    metrics = Metrics(
+        fleet,
+        OutlierDetector(fleet, GatewayConfig().outlier),
+        Scorer(ScoringConfig(), fleet.state.array),
+    )
+    metrics.observe_gc_pause(0, 0.0004)
+    metrics.observe_gc_pause(2, 0.06)
+    samples = {
+        (s.name, s.labels.get("generation"), s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert samples[("meshgate_gc_pause_seconds_count", "0", None)] == 1
+    assert samples[("meshgate_gc_pause_seconds_count", "1", None)] == 0
+    assert samples[("meshgate_gc_pause_seconds_bucket", "2", "0.05")] == 0
+    assert samples[("meshgate_gc_pause_seconds_bucket", "2", "0.1")] == 1
