@@ -2,7 +2,7 @@
 complete, how much memory does the gateway take, and does its event loop stall?
 
     .venv/bin/python -m bench.streams [--streams 1000] [--max-tokens 24] [--ms-per-token 20]
-                                     [--pin]
+                                     [--pin] [--upstream grpc|http]
 
 Starts ``--servers`` tritonserver processes on a copy of tiny_lm whose one instance
 generates every sequence at once (config parameter ``concurrent_sequences``; the
@@ -230,7 +230,12 @@ def fleet_and_gateway(args: argparse.Namespace, run_dir: Path) -> Iterator[Gatew
     config = admit_everything(run_dir / "streams.toml", args.streams)
     fleet = TritonFleet(args.servers, find_free_port_base(args.servers), repository, run_dir)
     with fleet:
-        backends = [f"grpc://{s.grpc_url}" for s in fleet.servers]
+        # gRPC only, or each backend as `make run` names it (gRPC, metrics and HTTP: the
+        # streams then go over Triton's HTTP generate_stream, relayed from callbacks).
+        backends = [
+            s.backend_url if args.upstream == "http" else f"grpc://{s.grpc_url}"
+            for s in fleet.servers
+        ]
         flags = ("--workers", "1", "--config", str(config), "--admin-token", ADMIN_TOKEN)
         gateway = start_gateway(backends, run_dir / "gateway.log", *flags)
         try:
@@ -260,6 +265,13 @@ def main() -> None:
         help="the gateway alone on the last CPU, Triton and the client on the others: its "
         "loop lag is then its own, not time spent waiting for a CPU (needs 2+ CPUs)",
     )
+    parser.add_argument(
+        "--upstream",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="grpc (default): gRPC-only backends; http: backends with their HTTP endpoint, "
+        "as `make run` starts them (streams over Triton's HTTP generate_stream)",
+    )
     args = parser.parse_args()
 
     run_dir = Path(".run/bench-streams")
@@ -271,9 +283,9 @@ def main() -> None:
 
     for name, value in results.items():
         print(f"{name:22} {value}")
-    names = ("streams", "max_tokens", "ms_per_token", "servers", "pin")
+    names = ("streams", "max_tokens", "ms_per_token", "servers", "pin", "upstream")
     workload = {name: getattr(args, name) for name in names}
-    name = f"streams-s{args.streams}" + ("-pinned" if args.pin else "")
+    name = f"streams-s{args.streams}-{args.upstream}" + ("-pinned" if args.pin else "")
     write_record("streams", name, {"workload": workload, **results})
 
 

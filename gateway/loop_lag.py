@@ -5,8 +5,11 @@ Every request this process serves waits that long behind whatever held the loop 
 slow callback, a long synchronous stretch, garbage collection, a starved CPU), so it is
 the gateway's own stall, apart from any upstream's latency. One timer per interval is
 the whole cost: at 50 ms, 20 wake-ups a second (at 10 ms the watcher was ~1.4% of a
-core on an idle gateway, measured with a CPU-time profile). A stall of any length
-still shows in full, as the lateness of the wake-up it delays. Resolution is about a
+core on an idle gateway, measured with a CPU-time profile). A stall shows as the
+lateness of the wake-up it delays, which is the part of it after that wake-up was due:
+at least its length less one interval, so the readings are a lower bound on the
+longest stall (a 50-100 ms full collection was read as 24 ms of lag, bench/README.md).
+A collection's own length is exact in ``watch_gc_pauses``. Resolution is about a
 millisecond: uvloop's timers count whole ones.
 """
 

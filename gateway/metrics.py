@@ -44,6 +44,8 @@ _OVERHEAD_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 
 _SCORING_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
 # Loop lag has ~1 ms resolution; 50 ms is the stall budget of the gateway's target.
 _LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+# Finer from 20 to 100 ms: a full collection over many streams' objects lands there.
+_GC_PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.2, 0.5, 1)
 
 
 class FastHistogram(Collector):
@@ -172,7 +174,8 @@ class Metrics:
         self.loop_lag = FastHistogram(
             "meshgate_event_loop_lag_seconds",
             "How late the event loop woke a task whose timer was due (gateway/loop_lag.py):"
-            " what every request on this process waited behind whatever held the loop.",
+            " what every request on this process waited behind whatever held the loop"
+            " (a lower bound on a stall: only its part after the wake-up was due).",
             (), buckets=_LOOP_LAG_BUCKETS, registry=r,
         )  # fmt: skip
         self.loop_lag_max = MaxSinceScrape(
@@ -184,7 +187,7 @@ class Metrics:
             "meshgate_gc_pause_seconds",
             "Garbage collections on the event loop's thread, by generation (2: a full one),"
             " each as long as it held the loop (gateway/loop_lag.py).",
-            ("generation",), buckets=_LOOP_LAG_BUCKETS, registry=r,
+            ("generation",), buckets=_GC_PAUSE_BUCKETS, registry=r,
         )  # fmt: skip
         self._gc_pauses = tuple(gc_pause.labels(str(generation)) for generation in range(3))
         r.register(FleetCollector(fleet, outliers, scorer))
