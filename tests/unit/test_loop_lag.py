@@ -57,39 +57,39 @@ def test_max_since_scrape_resets_on_each_scrape() -> None:
     assert [s.value for f in gauge.collect() for s in f.samples] == [0.0]
 
 
-def test_loop_lag_is_exposed() -> None:
+def gateway_metrics() -> Metrics:
     fleet = Fleet(GatewayConfig())
-    metrics = Metrics(
+    return Metrics(
         fleet,
         OutlierDetector(fleet, GatewayConfig().outlier),
         Scorer(ScoringConfig(), fleet.state.array),
     )
-    metrics.observe_loop_lag(0.003)
-    metrics.observe_loop_lag(0.07)
-    samples = {
-        (s.name, s.labels.get("le")): s.value
-        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
-        for s in family.samples
-    }
-    assert samples[("meshgate_event_loop_lag_seconds_count", None)] == 2
-    assert samples[("meshgate_event_loop_lag_seconds_bucket", "0.05")] == 1
-    assert samples[("meshgate_event_loop_lag_max_seconds", None)] == 0.07
 
 
-def test_gc_pauses_are_exposed_by_generation() -> None:
-    fleet = Fleet(GatewayConfig())
-    metrics = Metrics(
-        fleet,
-        OutlierDetector(fleet, GatewayConfig().outlier),
-        Scorer(ScoringConfig(), fleet.state.array),
-    )
-    metrics.observe_gc_pause(0, 0.0004)
-    metrics.observe_gc_pause(2, 0.06)
-    samples = {
+def exposed(metrics: Metrics) -> dict[tuple[str, str | None, str | None], float]:
+    """Each sample of /metrics by (name, its generation label, its le label)."""
+    return {
         (s.name, s.labels.get("generation"), s.labels.get("le")): s.value
         for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
         for s in family.samples
     }
+
+
+def test_loop_lag_is_exposed() -> None:
+    metrics = gateway_metrics()
+    metrics.observe_loop_lag(0.003)
+    metrics.observe_loop_lag(0.07)
+    samples = exposed(metrics)
+    assert samples[("meshgate_event_loop_lag_seconds_count", None, None)] == 2
+    assert samples[("meshgate_event_loop_lag_seconds_bucket", None, "0.05")] == 1
+    assert samples[("meshgate_event_loop_lag_max_seconds", None, None)] == 0.07
+
+
+def test_gc_pauses_are_exposed_by_generation() -> None:
+    metrics = gateway_metrics()
+    metrics.observe_gc_pause(0, 0.0004)
+    metrics.observe_gc_pause(2, 0.06)
+    samples = exposed(metrics)
     assert samples[("meshgate_gc_pause_seconds_count", "0", None)] == 1
     assert samples[("meshgate_gc_pause_seconds_count", "1", None)] == 0
     assert samples[("meshgate_gc_pause_seconds_bucket", "2", "0.05")] == 0
