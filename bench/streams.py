@@ -128,20 +128,27 @@ class LagReadings:
         the longest (what the max lag may have been)."""
         counts = self.counts(LAG)
         readings = counts.get(float("inf"), 0.0)
-        p99 = next((le for le, n in sorted(counts.items()) if n >= 0.99 * readings), None)
-        collections_ = {}
+        gc_pauses = {}
         for generation in ("0", "1", "2"):
             pauses = self.counts(GC_PAUSE, generation)
-            total = pauses.get(float("inf"), 0.0)
-            longest = next((le for le, n in sorted(pauses.items()) if n >= total), None)
-            collections_[generation] = {"count": int(total), "longest_bucket_s": longest}
+            gc_pauses[generation] = {
+                "count": int(pauses.get(float("inf"), 0.0)),
+                "longest_bucket_s": bucket_holding(pauses, 1.0),
+            }
         return {
             "readings": int(readings),
             "max_s": max(self.maxima[1:], default=None),
-            "p99_bucket_s": p99,
+            "p99_bucket_s": bucket_holding(counts, 0.99),
             "over_50ms": int(readings - counts.get(0.05, 0.0)),
-            "gc_pauses": collections_,
+            "gc_pauses": gc_pauses,
         }
+
+
+def bucket_holding(counts: dict[float, float], fraction: float) -> float | None:
+    """The upper bound of the first bucket whose cumulative count holds ``fraction`` of
+    all the readings (None without buckets)."""
+    total = counts.get(float("inf"), 0.0)
+    return next((le for le, n in sorted(counts.items()) if n >= fraction * total), None)
 
 
 async def poll_metrics(session: aiohttp.ClientSession, url: str, lag: LagReadings) -> None:
