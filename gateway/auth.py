@@ -163,10 +163,14 @@ TENANT = web.RequestKey("tenant", int)
 
 
 @web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Names the request's tenant (``request[TENANT]``), or refuses it with 401."""
+def authenticate(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Names the request's tenant (``request[TENANT]``), or refuses it with 401.
+
+    Not a coroutine: it returns the handler's own, which aiohttp and the fast lane await,
+    so no frame of its own waits out every request (a stream's lives as long as the
+    stream, and the garbage collector walks it; gateway/loop_lag.py)."""
     request[TENANT] = request.app[TENANTS].identify(request)
-    return await handler(request)
+    return handler(request)
 
 
 async def add_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
