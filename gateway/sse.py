@@ -39,7 +39,10 @@ class StreamOpener:
     async def open(self) -> web.StreamResponse:
         """The head sent; events follow with ``write``."""
         if self._prepared is not None:
-            response = await self._prepared
+            # A done task keeps its coroutine and context: let them go with it, not
+            # at the stream's end (fewer objects for the garbage collector to walk).
+            prepared, self._prepared = self._prepared, None
+            response = await prepared
             self._request.start_stream(response)  # type: ignore[attr-defined]
             return response
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
