@@ -51,21 +51,22 @@ async def generate_events(
     idle: float,
     deadline: float,
     opened: list[SseStream],
-    check: Callable[[], object] | None = None,
+    check: Callable[[Backend], object] | None = None,
 ) -> AsyncGenerator[tuple[bytes, dict[str, Any]], None]:
     """Triton's events for ``body`` POSTed to ``path`` on ``backend``'s HTTP endpoint:
     each as it sent it, and its payload (an error event raises). The stream is appended
     to ``opened`` (the fast lane relays the rest of it); closing the generator closes
     the stream: read to its end, its connection is kept for another; cut short, the
-    connection closes and Triton cancels. ``check`` runs once the request is sent, off
-    the time to first token; what it raises ends the stream before its first event."""
+    connection closes and Triton cancels. ``check(backend)`` runs once the request is
+    sent, off the time to first token; what it raises ends the stream before its first
+    event."""
     assert backend.streams is not None
     headers = [("Content-Type", _JSON), *trace]
     stream = await backend.streams.open(backend.id, path, headers, body, idle, deadline)
     opened.append(stream)
     try:
         if check is not None:
-            check()
+            check(backend)
         try:
             await stream.head()
         except StreamRefused as exc:
@@ -107,17 +108,32 @@ def _parse_event(data: bytes) -> dict[str, Any]:
     return payload
 
 
-async def relay(stream: SseStream, lease: Lease, on_event: Callable[[bytes], None]) -> None:
-    """The rest of ``stream`` on the fast lane: each event handed to ``on_event`` from
-    the upstream connection's callback, no task woken per token. A stall or a broken
-    connection counts against the backend, as forward.open_stream's rest does."""
+class EventRelay:
+    """The rest of an HTTP stream on the fast lane: each event handed to ``on_event``
+    from the upstream connection's callback, no task woken per token. A stall or a
+    broken connection counts against the backend, as forward.open_stream's rest does.
 
-    def each(event: bytes) -> None:
-        lease.token()
-        on_event(event)
+    Objects, not closures: a stream's objects live as long as it does, and every full
+    garbage collection walks them (a closure costs a cell per variable it captures, a
+    function and a tuple; 1,000 streams' worth is a stall, gateway/loop_lag.py)."""
 
-    try:
-        await stream.relay(each)
-    except (UpstreamStalled, UpstreamConnectionError):
-        lease.backend_failed()
-        raise
+    __slots__ = ("lease", "stream")
+
+    def __init__(self, stream: SseStream, lease: Lease) -> None:
+        self.stream = stream
+        self.lease = lease
+
+    def on_event(self, event: bytes) -> None:
+        raise NotImplementedError
+
+    def __call__(self, event: bytes) -> None:
+        self.lease.token()
+        self.on_event(event)
+
+    async def run(self) -> None:
+        """Until the stream ends (or fails)."""
+        try:
+            await self.stream.relay(self)
+        except (UpstreamStalled, UpstreamConnectionError):
+            self.lease.backend_failed()
+            raise

@@ -29,6 +29,7 @@ from ..errors import (
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
+    Timeouts,
     admit,
     any_backend,
     check_max_tokens,
@@ -40,11 +41,11 @@ from ..forward import (
     with_failover,
 )
 from ..http_generate import (
+    EventRelay,
     client_fault_status,
     error_message,
     event_payload,
     generate_events,
-    relay,
 )
 from ..http_stream import SseStream
 from ..http_upstream import (
@@ -340,32 +341,10 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     gen = _Generate(request, codec.parse_json(raw))
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
-
-    live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
-
-    def events_for(backend: Backend, left: float) -> AsyncGenerator[Event, None]:
-        live_http.clear()
-        if backend.http is not None:
-            trace = lease.trail.metadata
-            return generate_events(
-                backend,
-                request.raw_path,
-                raw,
-                trace,
-                timeouts.idle,
-                deadline,
-                live_http,
-                # The request is checked as gRPC would check it (Triton's HTTP endpoint
-                # answers some faults with 500s), once it is sent: while Triton works.
-                check=lambda: gen.wire_for(backend),
-            )
-        wire = gen.wire_for(backend)
-        attempt = timeouts._replace(total=left)
-        return _grpc_events(stream_replies(backend, wire, attempt, lease.trail.metadata))
-
     with admit(request, gen.model, gen.version, gen.prompt()) as lease:
+        attempts = _StreamAttempts(gen, raw, request.raw_path, lease, timeouts, deadline)
         opener = sse.StreamOpener(request)
-        first, rest = await open_stream(lease, events_for, timeouts.total)
+        first, rest = await open_stream(lease, attempts, timeouts.total)
         try:
             response = await opener.open()
             event, payload = first
@@ -373,8 +352,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             # Recorded once the client has its first token: its bookkeeping waits.
             lease.first_response()
             lease.count_tokens(_tokens_so_far(payload, 1))
-            if live_http and isinstance(response, FrontStreamResponse):
-                await _relay(live_http[0], response, lease)
+            if attempts.live_http and isinstance(response, FrontStreamResponse):
+                await _PassOn(attempts.live_http[0], lease, response).run()
             else:
                 replies = 1
                 async for event, payload in rest:
@@ -395,6 +374,50 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+class _StreamAttempts:
+    """Starts a ``generate_stream`` request on a backend (open_stream calls it once per
+    backend it tries): over the backend's HTTP endpoint when it is known, else gRPC.
+    A class, not a closure over the handler's variables (http_generate.EventRelay)."""
+
+    __slots__ = ("_deadline", "_gen", "_lease", "_path", "_raw", "_timeouts", "live_http")
+
+    def __init__(
+        self,
+        gen: _Generate,
+        raw: bytes,
+        path: str,
+        lease: Lease,
+        timeouts: Timeouts,
+        deadline: float,
+    ) -> None:
+        self._gen = gen
+        self._raw = raw
+        self._path = path
+        self._lease = lease
+        self._timeouts = timeouts
+        self._deadline = deadline
+        self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
+
+    def __call__(self, backend: Backend, left: float) -> AsyncGenerator[Event, None]:
+        self.live_http.clear()
+        trace = self._lease.trail.metadata
+        if backend.http is not None:
+            return generate_events(
+                backend,
+                self._path,
+                self._raw,
+                trace,
+                self._timeouts.idle,
+                self._deadline,
+                self.live_http,
+                # The request is checked as gRPC would check it (Triton's HTTP endpoint
+                # answers some faults with 500s), once it is sent: while Triton works.
+                check=self._gen.wire_for,
+            )
+        attempt = self._timeouts._replace(total=left)
+        return _grpc_events(stream_replies(backend, self._gen.wire_for(backend), attempt, trace))
+
+
 async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Event, None]:
     try:
         async for reply in replies:
@@ -404,23 +427,26 @@ async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Eve
         await replies.aclose()
 
 
-async def _relay(stream: SseStream, response: FrontStreamResponse, lease: Lease) -> None:
+class _PassOn(EventRelay):
     """The rest of an HTTP stream on the fast lane, each event passed on as it is.
     Triton's error event is passed on too, and ends the stream."""
-    replies = 1
 
-    def on_event(event: bytes) -> None:
-        nonlocal replies
-        replies += 1
-        response.write_chunk(event)
+    __slots__ = ("_replies", "_response")
+
+    def __init__(self, stream: SseStream, lease: Lease, response: FrontStreamResponse) -> None:
+        super().__init__(stream, lease)
+        self._response = response
+        self._replies = 1  # the first went to the client before the relay began
+
+    def on_event(self, event: bytes) -> None:
+        self._replies += 1
+        self._response.write_chunk(event)
         # Parsed only when it matters: an anonymous request's token count is not charged.
-        if not (lease.charges_tokens or b'"error"' in event):
+        if not (self.lease.charges_tokens or b'"error"' in event):
             return
         try:
             payload = event_payload(event)
         except UpstreamError:
-            stream.close()  # Triton ends the stream after an error; so does the relay
+            self.stream.close()  # Triton ends the stream after an error; so does the relay
             return
-        lease.count_tokens(_tokens_so_far(payload, replies))
-
-    await relay(stream, lease, on_event)
+        self.lease.count_tokens(_tokens_so_far(payload, self._replies))

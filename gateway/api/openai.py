@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +34,7 @@ from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import (
     StreamRest,
+    Timeouts,
     admit,
     check_max_tokens,
     failure_after_answer,
@@ -40,7 +42,7 @@ from ..forward import (
     request_timeouts,
     stream_replies,
 )
-from ..http_generate import event_payload, generate_events, relay
+from ..http_generate import EventRelay, event_payload, generate_events
 from ..http_stream import SseStream
 from ..http_upstream import UpstreamConnectionError
 from ..metrics import NONE
@@ -93,8 +95,9 @@ def add_routes(app: web.Application) -> None:
         if settings.chat_template is not None:
             templates[model] = ChatTemplate.from_file(settings.chat_template)
     app[SURFACE] = _Surface(templates, int(time.time()))
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    # Partials, not handlers that await _complete: a frame fewer lives as long as a stream.
+    app.router.add_post("/v1/chat/completions", partial(_complete, chat=True))
+    app.router.add_post("/v1/completions", partial(_complete, chat=False))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
 
@@ -290,14 +293,6 @@ def _prompt(value: Any) -> str:
 # -- completions ------------------------------------------------------------------------
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, chat=True)
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, chat=False)
-
-
 async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     trail = request[TRAIL]
     trail.model = NONE  # an inference request, though its body may name no valid model
@@ -318,32 +313,16 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
 
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
-    live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
-
-    def replies_for(backend: Backend, left: float) -> AsyncGenerator[Any, None]:
-        live_http.clear()
-        info = fleet.model_info(backend, call.model)
-        body = profile_for(info, configured).request(info, sampling, chunks.id, call.stream)
-        trace = lease.trail.metadata
-        # A whole answer is asked for as one response, over gRPC: Triton notices an
-        # HTTP client's hang-up only when it next writes, which for one response is at
-        # the end, while a cancelled gRPC call stops the model at its next token.
-        if backend.http is None or not call.stream:
-            wire = codec.encode_generate(info.name, info, body)
-            return stream_replies(backend, wire, timeouts._replace(total=left), trace)
-        path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
-        events = generate_events(
-            backend, path, orjson.dumps(body), trace, timeouts.idle, deadline, live_http
-        )
-        return _payloads(events)
-
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
+        attempts = _CompletionAttempts(
+            fleet, call, configured, sampling, chunks.id, lease, timeouts, deadline
+        )
         opener = sse.StreamOpener(request) if call.stream else None
-        first, rest = await open_stream(lease, replies_for, timeouts.total)
+        first, rest = await open_stream(lease, attempts, timeouts.total)
         reader = _MeteredReader(lease)
         try:
             if opener is not None:
-                relayed = live_http[0] if live_http else None
+                relayed = attempts.live_http[0] if attempts.live_http else None
                 return await _stream(opener, chunks, sampling, reader, first, rest, lease, relayed)
             lease.first_response()
             reader.read(first)
@@ -354,6 +333,70 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             return _json(chunks.whole(reader.text, reason, usage))
         finally:
             await rest.aclose()
+
+
+class _CompletionAttempts:
+    """Starts a completion on a backend (open_stream calls it once per backend it
+    tries). A class, not a closure over the handler's variables (http_generate.EventRelay)."""
+
+    __slots__ = (
+        "_call",
+        "_configured",
+        "_deadline",
+        "_fleet",
+        "_id",
+        "_lease",
+        "_sampling",
+        "_timeouts",
+        "live_http",
+    )
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        call: _Call,
+        configured: str | None,
+        sampling: Sampling,
+        completion_id: str,
+        lease: Lease,
+        timeouts: Timeouts,
+        deadline: float,
+    ) -> None:
+        self._fleet = fleet
+        self._call = call
+        self._configured = configured  # the model's profile, if the config names one
+        self._sampling = sampling
+        self._id = completion_id
+        self._lease = lease
+        self._timeouts = timeouts
+        self._deadline = deadline
+        self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
+
+    def __call__(self, backend: Backend, left: float) -> AsyncGenerator[Any, None]:
+        self.live_http.clear()
+        call = self._call
+        info = self._fleet.model_info(backend, call.model)
+        body = profile_for(info, self._configured).request(
+            info, self._sampling, self._id, call.stream
+        )
+        trace = self._lease.trail.metadata
+        # A whole answer is asked for as one response, over gRPC: Triton notices an
+        # HTTP client's hang-up only when it next writes, which for one response is at
+        # the end, while a cancelled gRPC call stops the model at its next token.
+        if backend.http is None or not call.stream:
+            wire = codec.encode_generate(info.name, info, body)
+            return stream_replies(backend, wire, self._timeouts._replace(total=left), trace)
+        path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
+        events = generate_events(
+            backend,
+            path,
+            orjson.dumps(body),
+            trace,
+            self._timeouts.idle,
+            self._deadline,
+            self.live_http,
+        )
+        return _payloads(events)
 
 
 async def _payloads(
@@ -394,7 +437,10 @@ async def _stream(
     lease.first_response()  # once the client has its first token: the bookkeeping waits
     try:
         if live_http is not None and isinstance(response, FrontStreamResponse):
-            await _relay(live_http, response, chunks, reader, lease)
+            relay = _TextRelay(live_http, lease, response, chunks, reader)
+            await relay.run()
+            if relay.error is not None:
+                raise relay.error
         else:
             async for reply in rest:
                 text = reader.read(reply)
@@ -414,31 +460,35 @@ async def _stream(
     return response
 
 
-async def _relay(
-    stream: SseStream,
-    response: FrontStreamResponse,
-    chunks: _Chunks,
-    reader: ReplyReader,
-    lease: Lease,
-) -> None:
+class _TextRelay(EventRelay):
     """The rest of an HTTP stream on the fast lane, each event's text written as a chunk
-    from the upstream connection's callback. An error event ends the stream and raises."""
-    errors: list[GatewayError] = []
-    head, tail = chunks.delta_framing()
+    from the upstream connection's callback. An error event ends the stream (``error``)."""
 
-    def on_event(event: bytes) -> None:
+    __slots__ = ("_head", "_reader", "_response", "_tail", "error")
+
+    def __init__(
+        self,
+        stream: SseStream,
+        lease: Lease,
+        response: FrontStreamResponse,
+        chunks: _Chunks,
+        reader: ReplyReader,
+    ) -> None:
+        super().__init__(stream, lease)
+        self._response = response
+        self._reader = reader
+        self._head, self._tail = chunks.delta_framing()
+        self.error: GatewayError | None = None
+
+    def on_event(self, event: bytes) -> None:
         try:
-            text = reader.read(event_payload(event))
+            text = self._reader.read(event_payload(event))
         except GatewayError as exc:
-            errors.append(exc)
-            stream.close()  # Triton ends the stream after an error; so does the relay
+            self.error = exc
+            self.stream.close()  # Triton ends the stream after an error; so does the relay
             return
         if text:
-            response.write_chunk(head + orjson.dumps(text) + tail)
-
-    await relay(stream, lease, on_event)
-    if errors:
-        raise errors[0]
+            self._response.write_chunk(self._head + orjson.dumps(text) + self._tail)
 
 
 class _MeteredReader(ReplyReader):
