@@ -43,6 +43,7 @@ _HTTP_CODES = {
 }
 _WINDOW = 1 << 24  # receive window, per stream and per connection: a 4 MiB reply in one go
 _PREFIX = 5  # a gRPC message's frame: compressed flag, 4-byte big-endian length
+_ALL_SENT = memoryview(b"")  # a call's request once all of it is sent
 CONNECT_TIMEOUT_S = 10.0  # to open a connection and have Triton's SETTINGS (grpc's is 20 s)
 
 Metadata = Sequence[tuple[str, str]]
@@ -370,7 +371,8 @@ class _Connection(asyncio.Protocol):
             self._send_window -= len(chunk)
             unsent = unsent[room:]
         call._send_window = window
-        call._unsent = unsent
+        # All sent: not an empty view, which would keep the request's buffer alive.
+        call._unsent = unsent if unsent else _ALL_SENT
 
     def _flush(self) -> None:
         if self._out and self._transport is not None:
