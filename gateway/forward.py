@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 from aiohttp import web
@@ -31,9 +31,10 @@ from .fleet import Backend
 from .http_upstream import UpstreamConnectFailed, UpstreamConnectionError
 from .router import PRIORITY_HEADER, SESSION_HEADER, Lease, parse_priority
 from .telemetry import TRAIL
-from .upstream import Metadata, is_connection_failure, upstream_error
+from .upstream import Metadata, StreamCall, is_connection_failure, upstream_error
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 _NO_TIMEOUT = contextlib.nullcontext()
 TIMEOUT_HEADER = "x-meshgate-timeout-ms"
 
@@ -175,46 +176,100 @@ def decode_reply(decoder: Callable[[bytes], T], reply: bytes) -> T:
         raise UpstreamError(f"malformed response from Triton: {exc}", 502) from None
 
 
-async def stream_replies(
-    backend: Backend, wire: bytes, timeouts: Timeouts, metadata: Metadata
-) -> AsyncGenerator[Any, None]:
-    """Decoded responses of one ModelStreamInfer call; cancels the call when the
-    consumer stops early (client hung up, error), so Triton stops generating.
+class Replies(Protocol[T_co]):
+    """A backend's responses to one request, read with ``anext``; ``aclose`` ends the
+    upstream call (an async generator is one)."""
+
+    def __anext__(self) -> Awaitable[T_co]: ...
+
+    def aclose(self) -> Awaitable[Any]: ...
+
+
+class StreamReplies:
+    """Decoded responses of one ModelStreamInfer call (each passed through ``convert``),
+    read with ``async for`` or ``anext``. A failure, or ``aclose`` when the consumer
+    stops early (client hung up, error), cancels the call, so Triton stops generating.
 
     Waiting for the first response is bounded by the request's deadline only (it may
     queue at Triton); after it, a gap longer than ``timeouts.idle`` ends the stream
-    with UpstreamStalled."""
-    call = await backend.channel.stream(wire, timeouts.total, metadata)
-    messages = aiter(call)
-    started = False
-    try:
-        while True:
-            try:
-                # Before the first reply only the call's deadline bounds the wait (and
-                # an asyncio.timeout costs ~5 µs on the way to it).
-                async with asyncio.timeout(timeouts.idle) if started else _NO_TIMEOUT:
-                    message = await anext(messages)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamStalled(
-                    f"upstream stream stalled: no response from backend {backend.id} "
-                    f"for {timeouts.idle:g} s"
-                ) from None
-            error, reply = decode_reply(grpc_wire.decode_stream_response, message)
-            if error:
-                if error.startswith(TRITON_UNKNOWN_MODEL):
-                    raise ModelGone(error)
-                raise UpstreamError(error, 400)
-            if reply is not None and reply.outputs:
-                started = True
-                yield reply
-    finally:
-        call.cancel()
+    with UpstreamStalled.
+
+    An iterator object, not an async generator: a suspended generator's frame holds its
+    last reply, and the buffers that reply views, until the next one; a stream's objects
+    are walked by every full garbage collection (http_generate.EventRelay)."""
+
+    __slots__ = (
+        "_backend",
+        "_call",
+        "_convert",
+        "_messages",
+        "_metadata",
+        "_started",
+        "_timeouts",
+        "_wire",
+    )
+
+    def __init__(
+        self,
+        backend: Backend,
+        wire: bytes,
+        timeouts: Timeouts,
+        metadata: Metadata,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._wire = wire
+        self._timeouts = timeouts
+        self._metadata = metadata
+        self._convert = convert
+        self._call: StreamCall | None = None  # opened by the first read
+        self._messages: AsyncIterator[bytes] | None = None
+        self._started = False  # a response has arrived: the idle timeout applies
+
+    def __aiter__(self) -> StreamReplies:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._call is None:
+            timeouts = self._timeouts
+            self._call = await self._backend.channel.stream(
+                self._wire, timeouts.total, self._metadata
+            )
+            self._messages = aiter(self._call)
+            self._wire = b""  # the call has sent it
+        assert self._messages is not None
+        try:
+            while True:
+                try:
+                    # Before the first reply only the call's deadline bounds the wait (and
+                    # an asyncio.timeout costs ~5 µs on the way to it).
+                    idle = self._timeouts.idle
+                    async with asyncio.timeout(idle) if self._started else _NO_TIMEOUT:
+                        message = await anext(self._messages)
+                except TimeoutError:
+                    raise UpstreamStalled(
+                        f"upstream stream stalled: no response from backend "
+                        f"{self._backend.id} for {idle:g} s"
+                    ) from None
+                error, reply = decode_reply(grpc_wire.decode_stream_response, message)
+                if error:
+                    if error.startswith(TRITON_UNKNOWN_MODEL):
+                        raise ModelGone(error)
+                    raise UpstreamError(error, 400)
+                if reply is not None and reply.outputs:
+                    self._started = True
+                    return reply if self._convert is None else self._convert(reply)
+        except BaseException:  # the end (cancelling is a no-op then), a failure, a hang-up
+            self._call.cancel()
+            raise
+
+    async def aclose(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
 
 async def open_stream(
-    lease: Lease, replies_for: Callable[[Backend, float], AsyncGenerator[T, None]], timeout: float
+    lease: Lease, replies_for: Callable[[Backend, float], Replies[T]], timeout: float
 ) -> tuple[T, StreamRest[T]]:
     """Start a stream (``replies_for`` a backend and what is left of the deadline) with
     failover until its first reply (nothing has reached the client before it), within
@@ -223,7 +278,7 @@ async def open_stream(
     own (``asyncio.timeout`` costs ~5 µs, on the way to the first token). Returns that
     reply and the rest; the caller must ``aclose`` the rest, which ends the upstream call."""
 
-    async def first_reply(backend: Backend, left: float) -> tuple[T, AsyncGenerator[T, None]]:
+    async def first_reply(backend: Backend, left: float) -> tuple[T, Replies[T]]:
         replies = replies_for(backend, left)
         try:
             return await anext(replies), replies
@@ -243,7 +298,7 @@ class StreamRest(Generic[T]):
     ``aclose`` ends the upstream replies whether or not they were iterated: the fast
     lane relays an HTTP stream from its connection and never iterates them."""
 
-    def __init__(self, lease: Lease, replies: AsyncGenerator[T, None]) -> None:
+    def __init__(self, lease: Lease, replies: Replies[T]) -> None:
         self._lease = lease
         self._replies = replies
 

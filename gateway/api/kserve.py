@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +29,8 @@ from ..errors import (
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet, ModelInfo
 from ..forward import (
+    Replies,
+    StreamReplies,
     Timeouts,
     admit,
     any_backend,
@@ -37,7 +39,6 @@ from ..forward import (
     failure_after_answer,
     open_stream,
     request_timeouts,
-    stream_replies,
     with_failover,
 )
 from ..http_generate import (
@@ -309,7 +310,7 @@ async def generate(request: web.Request) -> web.Response:
             reply = await backend.channel.infer(wire, left, trail.metadata)
             return decode_reply(grpc_wire.decode_infer_response, reply)
         attempt = timeouts._replace(total=left)
-        replies = [r async for r in stream_replies(backend, wire, attempt, trail.metadata)]
+        replies = [r async for r in StreamReplies(backend, wire, attempt, trail.metadata)]
         if len(replies) != 1:
             raise BadRequest(
                 f"model sent {len(replies)} responses; use generate_stream for streaming output"
@@ -398,7 +399,7 @@ class _StreamAttempts:
         self._deadline = deadline
         self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
-    def __call__(self, backend: Backend, left: float) -> AsyncGenerator[Event, None]:
+    def __call__(self, backend: Backend, left: float) -> Replies[Event]:
         self.live_http.clear()
         trace = self._lease.trail.metadata
         if backend.http is not None:
@@ -415,16 +416,14 @@ class _StreamAttempts:
                 check=self._gen.wire_for,
             )
         attempt = self._timeouts._replace(total=left)
-        return _grpc_events(stream_replies(backend, self._gen.wire_for(backend), attempt, trace))
+        wire = self._gen.wire_for(backend)
+        return StreamReplies(backend, wire, attempt, trace, convert=_event_of)
 
 
-async def _grpc_events(replies: AsyncGenerator[Any, None]) -> AsyncGenerator[Event, None]:
-    try:
-        async for reply in replies:
-            body = codec.generate_response_json(reply)
-            yield sse_event(orjson.dumps(body)), body
-    finally:
-        await replies.aclose()
+def _event_of(reply: Any) -> Event:
+    """A gRPC response as the event Triton's HTTP generate_stream would have sent."""
+    body = codec.generate_response_json(reply)
+    return sse_event(orjson.dumps(body)), body
 
 
 class _PassOn(EventRelay):

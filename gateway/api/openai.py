@@ -33,6 +33,8 @@ from ..errors import BadRequest, GatewayError, ModelGone, ModelNotFound, NotFoun
 from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import (
+    Replies,
+    StreamReplies,
     StreamRest,
     Timeouts,
     admit,
@@ -40,7 +42,6 @@ from ..forward import (
     failure_after_answer,
     open_stream,
     request_timeouts,
-    stream_replies,
 )
 from ..http_generate import EventRelay, event_payload, generate_events
 from ..http_stream import SseStream
@@ -314,19 +315,18 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     timeouts = request_timeouts(request)
     deadline = asyncio.get_running_loop().time() + timeouts.total
     with admit(request, call.model, "", sampling.prompt.encode()) as lease:
+        reader = _MeteredReader(lease)
         attempts = _CompletionAttempts(
-            fleet, call, configured, sampling, chunks.id, lease, timeouts, deadline
+            fleet, call, configured, sampling, chunks.id, lease, reader, timeouts, deadline
         )
         opener = sse.StreamOpener(request) if call.stream else None
         first, rest = await open_stream(lease, attempts, timeouts.total)
-        reader = _MeteredReader(lease)
         try:
             if opener is not None:
                 relayed = attempts.live_http[0] if attempts.live_http else None
                 return await _stream(opener, chunks, sampling, reader, first, rest, lease, relayed)
             lease.first_response()
-            reader.read(first)
-            await _read_all(rest, reader)
+            await _read_all(rest)
             reader.flush()
             usage = reader.usage(sampling.prompt)
             reason = reader.final_reason(usage, sampling.max_tokens)
@@ -337,7 +337,9 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
 
 class _CompletionAttempts:
     """Starts a completion on a backend (open_stream calls it once per backend it
-    tries). A class, not a closure over the handler's variables (http_generate.EventRelay)."""
+    tries): its replies are each response's new text, read by ``reader`` as it arrives,
+    so no frame holds a response (and the buffers it views) while the next is awaited.
+    A class, not a closure over the handler's variables (http_generate.EventRelay)."""
 
     __slots__ = (
         "_call",
@@ -346,6 +348,7 @@ class _CompletionAttempts:
         "_fleet",
         "_id",
         "_lease",
+        "_reader",
         "_sampling",
         "_timeouts",
         "live_http",
@@ -359,6 +362,7 @@ class _CompletionAttempts:
         sampling: Sampling,
         completion_id: str,
         lease: Lease,
+        reader: ReplyReader,
         timeouts: Timeouts,
         deadline: float,
     ) -> None:
@@ -368,11 +372,12 @@ class _CompletionAttempts:
         self._sampling = sampling
         self._id = completion_id
         self._lease = lease
+        self._reader = reader
         self._timeouts = timeouts
         self._deadline = deadline
         self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
-    def __call__(self, backend: Backend, left: float) -> AsyncGenerator[Any, None]:
+    def __call__(self, backend: Backend, left: float) -> Replies[str]:
         self.live_http.clear()
         call = self._call
         info = self._fleet.model_info(backend, call.model)
@@ -385,7 +390,8 @@ class _CompletionAttempts:
         # the end, while a cancelled gRPC call stops the model at its next token.
         if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
-            return stream_replies(backend, wire, self._timeouts._replace(total=left), trace)
+            attempt = self._timeouts._replace(total=left)
+            return StreamReplies(backend, wire, attempt, trace, convert=self._reader.read)
         path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
         events = generate_events(
             backend,
@@ -396,24 +402,25 @@ class _CompletionAttempts:
             self._deadline,
             self.live_http,
         )
-        return _payloads(events)
+        return _texts(events, self._reader)
 
 
-async def _payloads(
-    events: AsyncGenerator[tuple[bytes, dict[str, Any]], None],
-) -> AsyncGenerator[dict[str, Any], None]:
-    """The payloads of Triton's HTTP events, which ``ReplyReader`` reads."""
+async def _texts(
+    events: AsyncGenerator[tuple[bytes, dict[str, Any]], None], reader: ReplyReader
+) -> AsyncGenerator[str, None]:
+    """The new text of each of Triton's HTTP events, as ``reader`` reads it."""
     try:
         async for _event, payload in events:
-            yield payload
+            yield reader.read(payload)
     finally:
         await events.aclose()
 
 
-async def _read_all(replies: StreamRest[Any], reader: ReplyReader) -> None:
+async def _read_all(texts: StreamRest[str]) -> None:
+    """The rest of an answer, read (its reader keeps the text)."""
     try:
-        async for reply in replies:
-            reader.read(reply)
+        async for _text in texts:
+            pass
     except (grpc.aio.AioRpcError, UpstreamConnectionError) as exc:
         raise failure_after_answer(exc) from None
 
@@ -423,8 +430,8 @@ async def _stream(
     chunks: _Chunks,
     sampling: Sampling,
     reader: ReplyReader,
-    first: Any,
-    rest: StreamRest[Any],
+    first: str,
+    rest: StreamRest[str],
     lease: Lease,
     live_http: SseStream | None,
 ) -> web.StreamResponse:
@@ -433,7 +440,7 @@ async def _stream(
     are sent an error can only be told in-band: an ``error`` event, and no ``[DONE]``, so
     the client cannot take the cut stream for a complete one."""
     response = await opener.open()
-    await sse.send_json(response, chunks.delta(reader.read(first), first=True))
+    await sse.send_json(response, chunks.delta(first, first=True))
     lease.first_response()  # once the client has its first token: the bookkeeping waits
     try:
         if live_http is not None and isinstance(response, FrontStreamResponse):
@@ -442,8 +449,7 @@ async def _stream(
             if relay.error is not None:
                 raise relay.error
         else:
-            async for reply in rest:
-                text = reader.read(reply)
+            async for text in rest:
                 if text:
                     await sse.send_json(response, chunks.delta(text))
     except (grpc.aio.AioRpcError, GatewayError, UpstreamConnectionError) as exc:
