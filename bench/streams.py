@@ -23,7 +23,8 @@ readings. Lag is wall time, so a loop thread that waits for a CPU (2 cores share
 Triton, the client and whatever else runs) shows as lag too: the loop thread's CPU time
 and run-queue wait over the run (/proc/PID/schedstat) tell the two apart, and the run's
 garbage collections on the loop (``meshgate_gc_pause_seconds``: how many per
-generation, and the bucket of the longest) tell a collection from other work. Prints a
+generation, the bucket of the longest, and their total time, which for the run's one
+full collection is its exact length) tell a collection from other work. Prints a
 table and writes JSON to bench/results/.
 """
 
@@ -102,9 +103,13 @@ class LagReadings:
     # at the last scrape: the loop lag, and each generation's garbage collections.
     first_buckets: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)
     last_buckets: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)
+    # Seconds spent collecting, per generation: with one collection, its exact length.
+    first_gc_seconds: dict[str, float] = field(default_factory=dict)
+    last_gc_seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, metrics_text: str) -> None:
         buckets: dict[tuple[str, str], dict[float, float]] = collections.defaultdict(dict)
+        gc_seconds = {}
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
                 if sample.name == LAG_MAX:
@@ -112,9 +117,13 @@ class LagReadings:
                 elif sample.name in (LAG + "_bucket", GC_PAUSE + "_bucket"):
                     key = (sample.name, sample.labels.get("generation", ""))
                     buckets[key][float(sample.labels["le"])] = sample.value
+                elif sample.name == GC_PAUSE + "_sum":
+                    gc_seconds[sample.labels["generation"]] = sample.value
         if not self.first_buckets:
             self.first_buckets = buckets
+            self.first_gc_seconds = gc_seconds
         self.last_buckets = buckets
+        self.last_gc_seconds = gc_seconds
 
     def counts(self, histogram: str, generation: str = "") -> dict[float, float]:
         """Per bucket (cumulative), what the run added between the first and last scrape."""
@@ -124,16 +133,18 @@ class LagReadings:
 
     def summary(self) -> dict[str, Any]:
         """Max and p99 over the readings after the first scrape (which only resets), and
-        the run's garbage collections per generation: how many, and the bucket bound of
-        the longest (what the max lag may have been)."""
+        the run's garbage collections per generation: how many, the bucket bound of the
+        longest (what the max lag may have been), and their total seconds."""
         counts = self.counts(LAG)
         readings = counts.get(float("inf"), 0.0)
         gc_pauses = {}
         for generation in ("0", "1", "2"):
             pauses = self.counts(GC_PAUSE, generation)
+            spent = self.last_gc_seconds.get(generation, 0.0)
             gc_pauses[generation] = {
                 "count": int(pauses.get(float("inf"), 0.0)),
                 "longest_bucket_s": bucket_holding(pauses, 1.0),
+                "total_s": round(spent - self.first_gc_seconds.get(generation, 0.0), 4),
             }
         return {
             "readings": int(readings),
