@@ -9,9 +9,10 @@ triton-inference-server/server#7077). A stream that Triton ended cleanly leaves 
 connection idle in its backend's ``StreamPool`` for the next stream (a fresh connection
 costs Triton ~0.2 ms of time to first token, measured here); any other ends it.
 
-One timer per stream keeps the idle timeout: it is moved only when it fires, so an
-event costs a clock read, not a timer reschedule. ``relay`` hands events over from the
-connection's own callback, so a relayed token wakes no task at all.
+One timer per stream keeps both its deadline and its idle timeout: it is moved only
+when it fires, so an event costs a clock read, not a timer reschedule (and a stream
+holds one timer's objects, not two, for the garbage collector to walk). ``relay`` hands
+events over from the connection's own callback, so a relayed token wakes no task at all.
 """
 
 from __future__ import annotations
@@ -157,14 +158,14 @@ class SseStream(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._last_event = 0.0  # loop time; 0: no event yet, no idle timeout yet
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timed = False  # the idle timeout applies (from the first wait after an event)
         self._on_event: Callable[[bytes], None] | None = None  # set by relay
         self._relayed: asyncio.Future[None] | None = None
-        # The request's deadline (loop time) cuts the stream as a gRPC deadline would;
-        # its timer is set once the request is sent (Triton has work then, the gateway
-        # has none).
+        # The request's deadline (loop time) cuts the stream as a gRPC deadline would.
+        # The timer is set once the request is sent (Triton has work then, the gateway
+        # has none), for the deadline, and later for the idle timeout if that is sooner.
         self._deadline_at = deadline
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -213,9 +214,8 @@ class SseStream(asyncio.Protocol):
     def send_request(self) -> None:
         assert self.transport is not None and self.request is not None
         self.transport.writelines(self.request)
-        if self._deadline_timer is None:
-            loop = self._loop
-            self._deadline_timer = loop.call_at(self._deadline_at, self._deadline)
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline_at, self._check_time)
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -327,8 +327,8 @@ class SseStream(asyncio.Protocol):
         if self._error is not None:
             self._relayed.set_exception(self._error)
         else:
-            if self._last_event and self._idle_timer is None:
-                self._arm_idle_timer()
+            if self._last_event and not self._idle_timed:
+                self._time_idle()
             self._deliver()
         return self._relayed
 
@@ -338,8 +338,8 @@ class SseStream(asyncio.Protocol):
             return
         if self._events:
             self._last_event = self._loop.time()
-            if self._idle_timer is None:
-                self._arm_idle_timer()
+            if not self._idle_timed:
+                self._time_idle()
             try:
                 while self._events and not self._relayed.done():  # on_event may close
                     self._on_event(self._events.popleft())
@@ -384,34 +384,45 @@ class SseStream(asyncio.Protocol):
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        if self._last_event and self._idle_timer is None:
-            # The idle timeout runs from the first event, its timer from the first wait
-            # after it: the first event goes on to the client without arming it.
-            self._arm_idle_timer()
+        if self._last_event and not self._idle_timed:
+            # The idle timeout runs from the first event, its timing from the first wait
+            # after it: the first event goes on to the client before the timer moves.
+            self._time_idle()
         self._waiter = self._loop.create_future()
         await self._waiter
         self._waiter = None
         if self._error is not None:
             raise self._error
 
-    def _arm_idle_timer(self) -> None:
+    def _time_idle(self) -> None:
+        """From now on the idle timeout applies too: the timer moves up if it is sooner."""
+        self._idle_timed = True
         loop = self._loop
-        self._idle_timer = loop.call_at(loop.time() + self._idle, self._check_idle)
+        expires = loop.time() + self._idle
+        if expires < self._deadline_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(expires, self._check_time)
 
-    def _check_idle(self) -> None:
+    def _check_time(self) -> None:
         loop = self._loop
-        if loop.time() - self._last_event < self._idle:
-            self._idle_timer = loop.call_at(self._last_event + self._idle, self._check_idle)
+        now = loop.time()
+        if now >= self._deadline_at:
+            self._fail(GatewayTimeout("request deadline exceeded"))
             return
-        self._fail(
-            UpstreamStalled(
-                f"upstream stream stalled: no response from backend {self._label} "
-                f"for {self._idle:g} s"
+        if self._idle_timed and now - self._last_event >= self._idle:
+            self._fail(
+                UpstreamStalled(
+                    f"upstream stream stalled: no response from backend {self._label} "
+                    f"for {self._idle:g} s"
+                )
             )
-        )
-
-    def _deadline(self) -> None:
-        self._fail(GatewayTimeout("request deadline exceeded"))
+            return
+        # Early (timers are rounded to milliseconds), or events came: the next expiry.
+        expires = self._deadline_at
+        if self._idle_timed:
+            expires = min(expires, self._last_event + self._idle)
+        self._timer = loop.call_at(expires, self._check_time)
 
     def close(self) -> None:
         """End the stream. Read to its end, its connection goes back to the pool;
@@ -420,10 +431,8 @@ class SseStream(asyncio.Protocol):
             return
         self._closed = True
         self._finished = True
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._relayed is not None and not self._relayed.done():
             self._relayed.set_result(None)
         transport = self.transport

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.errors import GatewayTimeout
+from gateway.errors import GatewayTimeout, UpstreamStalled
 from gateway.http_stream import SseStream, StreamPool, StreamRefused
 from gateway.http_upstream import UpstreamConnectFailed, UpstreamConnectionError
 from tests.conftest import free_port
@@ -31,6 +31,8 @@ class FakeTriton:
         self.requests = 0
         self.closed_by_client = 0  # connections the client closed (EOF seen)
         self.hold: asyncio.Event | None = None  # wait for it after the first event
+        self.first_after = 0.0  # seconds before the reply (Triton working on a first token)
+        self.end_after = 0.0  # seconds between the last event and the reply's end
         self.drop_reused = False  # close a connection on its second request, unanswered
         self.split_terminator = False  # the final CRLF in a write of its own
         self.keep_alive = True
@@ -62,6 +64,7 @@ class FakeTriton:
                     )
                     await writer.drain()
                     continue
+                await asyncio.sleep(self.first_after)
                 close = b"" if self.keep_alive else b"Connection: close\r\n"
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -77,6 +80,7 @@ class FakeTriton:
                         return
                 writer.write(chunk(EVENTS[1]) + (b"0\r\n" if self.split_terminator else b""))
                 await writer.drain()
+                await asyncio.sleep(self.end_after)
                 if self.split_terminator:
                     await asyncio.sleep(0.05)
                     writer.write(b"\r\n")
@@ -110,9 +114,9 @@ async def triton() -> AsyncIterator[tuple[FakeTriton, StreamPool]]:
         writer.close()
 
 
-async def open_stream(pool: StreamPool, timeout: float = 5.0) -> SseStream:
+async def open_stream(pool: StreamPool, timeout: float = 5.0, idle: float = 5.0) -> SseStream:
     deadline = asyncio.get_running_loop().time() + timeout
-    return await pool.open("b0", "/v2/models/m/generate_stream", [], b"{}", 5.0, deadline)
+    return await pool.open("b0", "/v2/models/m/generate_stream", [], b"{}", idle, deadline)
 
 
 async def read_all(stream: SseStream) -> list[bytes]:
@@ -320,6 +324,60 @@ async def test_the_deadline_cuts_a_stream_and_its_connection(
     stream.close()
     assert pool.idle_count == 0
     fake.hold.set()
+
+
+async def test_a_gap_after_an_event_is_a_stall(triton: tuple[FakeTriton, StreamPool]) -> None:
+    fake, pool = triton
+    fake.hold = asyncio.Event()
+    stream = await open_stream(pool, idle=0.1)
+    await stream.head()
+    assert await stream.next_event() == EVENTS[0]
+    with pytest.raises(UpstreamStalled, match=r"backend b0 for 0\.1 s"):
+        await stream.next_event()
+    stream.close()
+    assert pool.idle_count == 0
+    fake.hold.set()
+
+
+async def test_a_relayed_stream_stalls_too(triton: tuple[FakeTriton, StreamPool]) -> None:
+    fake, pool = triton
+    fake.hold = asyncio.Event()
+    stream = await open_stream(pool, idle=0.1)
+    await stream.head()
+    assert await stream.next_event() == EVENTS[0]
+    relayed: list[bytes] = []
+    with pytest.raises(UpstreamStalled):
+        await stream.relay(relayed.append)
+    assert relayed == []
+    stream.close()
+    fake.hold.set()
+
+
+async def test_the_idle_timeout_waits_for_the_first_event(
+    triton: tuple[FakeTriton, StreamPool],
+) -> None:
+    """Before its first event a request may queue at Triton: only the deadline bounds it."""
+    fake, pool = triton
+    fake.first_after = 0.3
+    stream = await open_stream(pool, idle=0.05)
+    assert await read_all(stream) == EVENTS
+
+
+async def test_an_event_in_time_keeps_the_stream_alive(
+    triton: tuple[FakeTriton, StreamPool],
+) -> None:
+    """The timer fires when the idle timeout would have run out since the first event;
+    an event came since, so it moves on to the timeout from that event."""
+    fake, pool = triton
+    fake.hold = asyncio.Event()
+    fake.end_after = 0.85  # the reply ends ~0.15 s after that first expiry
+    stream = await open_stream(pool, idle=1.0)
+    await stream.head()
+    assert await stream.next_event() == EVENTS[0]
+    asyncio.get_running_loop().call_later(0.1, fake.hold.set)  # the next event at ~0.3 s
+    assert await stream.next_event() == EVENTS[1]
+    assert await stream.next_event() is None
+    stream.close()
 
 
 async def test_no_server_is_a_connect_failure() -> None:
