@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from .errors import TRITON_UNKNOWN_MODEL, ModelGone, UpstreamError, UpstreamStalled
 from .fleet import Backend
+from .forward import Replies, StreamReplies, Timeouts
 from .http_stream import SseStream, StreamRefused
 from .http_upstream import UpstreamConnectionError
 from .router import Lease
 
 _JSON = "application/json"
+T = TypeVar("T")
 
 # How Triton's HTTP endpoint words data of the wrong JSON type (e.g. "max_tokens": true)
 # and a body that is not JSON, which it answers with 500 although the client is at fault.
@@ -78,6 +80,44 @@ async def generate_events(
             yield event, event_payload(event)
     finally:
         stream.close()
+
+
+class StreamAttempts:
+    """What a streaming API's attempts share (forward.open_stream calls the subclass's
+    ``__call__`` once per backend it tries, which starts one with ``over_http`` or
+    ``over_grpc``): the lease, the request's timeouts and deadline, and the live
+    attempt's HTTP stream, if it is one (the fast lane relays it). Objects, not
+    closures over the handler's variables (see EventRelay)."""
+
+    __slots__ = ("_deadline", "_lease", "_timeouts", "live_http")
+
+    def __init__(self, lease: Lease, timeouts: Timeouts, deadline: float) -> None:
+        self._lease = lease
+        self._timeouts = timeouts
+        self._deadline = deadline  # loop time
+        self.live_http: list[SseStream] = []
+
+    def over_http(
+        self,
+        backend: Backend,
+        path: str,
+        body: bytes,
+        check: Callable[[Backend], object] | None = None,
+    ) -> AsyncGenerator[tuple[bytes, dict[str, Any]], None]:
+        """``generate_events`` on the backend's HTTP endpoint, its stream the live one."""
+        self.live_http.clear()
+        trace = self._lease.trail.metadata
+        return generate_events(
+            backend, path, body, trace, self._timeouts.idle, self._deadline, self.live_http, check
+        )
+
+    def over_grpc(
+        self, backend: Backend, wire: bytes, left: float, convert: Callable[[Any], T]
+    ) -> Replies[T]:
+        """ModelStreamInfer with ``left`` of the deadline, each reply through ``convert``."""
+        self.live_http.clear()
+        attempt = self._timeouts._replace(total=left)
+        return StreamReplies(backend, wire, attempt, self._lease.trail.metadata, convert)
 
 
 def event_payload(event: bytes) -> dict[str, Any]:

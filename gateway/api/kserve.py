@@ -43,10 +43,10 @@ from ..forward import (
 )
 from ..http_generate import (
     EventRelay,
+    StreamAttempts,
     client_fault_status,
     error_message,
     event_payload,
-    generate_events,
 )
 from ..http_stream import SseStream
 from ..http_upstream import (
@@ -375,12 +375,11 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-class _StreamAttempts:
-    """Starts a ``generate_stream`` request on a backend (open_stream calls it once per
-    backend it tries): over the backend's HTTP endpoint when it is known, else gRPC.
-    A class, not a closure over the handler's variables (http_generate.EventRelay)."""
+class _StreamAttempts(StreamAttempts):
+    """Starts a ``generate_stream`` request on a backend: over the backend's HTTP
+    endpoint when it is known, else gRPC."""
 
-    __slots__ = ("_deadline", "_gen", "_lease", "_path", "_raw", "_timeouts", "live_http")
+    __slots__ = ("_gen", "_path", "_raw")
 
     def __init__(
         self,
@@ -391,33 +390,17 @@ class _StreamAttempts:
         timeouts: Timeouts,
         deadline: float,
     ) -> None:
+        super().__init__(lease, timeouts, deadline)
         self._gen = gen
         self._raw = raw
         self._path = path
-        self._lease = lease
-        self._timeouts = timeouts
-        self._deadline = deadline
-        self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
     def __call__(self, backend: Backend, left: float) -> Replies[Event]:
-        self.live_http.clear()
-        trace = self._lease.trail.metadata
         if backend.http is not None:
-            return generate_events(
-                backend,
-                self._path,
-                self._raw,
-                trace,
-                self._timeouts.idle,
-                self._deadline,
-                self.live_http,
-                # The request is checked as gRPC would check it (Triton's HTTP endpoint
-                # answers some faults with 500s), once it is sent: while Triton works.
-                check=self._gen.wire_for,
-            )
-        attempt = self._timeouts._replace(total=left)
-        wire = self._gen.wire_for(backend)
-        return StreamReplies(backend, wire, attempt, trace, convert=_event_of)
+            # The request is checked as gRPC would check it (Triton's HTTP endpoint
+            # answers some faults with 500s), once it is sent: while Triton works.
+            return self.over_http(backend, self._path, self._raw, check=self._gen.wire_for)
+        return self.over_grpc(backend, self._gen.wire_for(backend), left, _event_of)
 
 
 def _event_of(reply: Any) -> Event:

@@ -34,7 +34,6 @@ from ..fastlane import FrontStreamResponse
 from ..fleet import Backend, Fleet
 from ..forward import (
     Replies,
-    StreamReplies,
     StreamRest,
     Timeouts,
     admit,
@@ -43,7 +42,7 @@ from ..forward import (
     open_stream,
     request_timeouts,
 )
-from ..http_generate import EventRelay, event_payload, generate_events
+from ..http_generate import EventRelay, StreamAttempts, event_payload
 from ..http_stream import SseStream
 from ..http_upstream import UpstreamConnectionError
 from ..metrics import NONE
@@ -335,24 +334,12 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             await rest.aclose()
 
 
-class _CompletionAttempts:
-    """Starts a completion on a backend (open_stream calls it once per backend it
-    tries): its replies are each response's new text, read by ``reader`` as it arrives,
-    so no frame holds a response (and the buffers it views) while the next is awaited.
-    A class, not a closure over the handler's variables (http_generate.EventRelay)."""
+class _CompletionAttempts(StreamAttempts):
+    """Starts a completion on a backend: its replies are each response's new text, read
+    by ``reader`` as it arrives, so no frame holds a response (and the buffers it views)
+    while the next is awaited."""
 
-    __slots__ = (
-        "_call",
-        "_configured",
-        "_deadline",
-        "_fleet",
-        "_id",
-        "_lease",
-        "_reader",
-        "_sampling",
-        "_timeouts",
-        "live_http",
-    )
+    __slots__ = ("_call", "_configured", "_fleet", "_id", "_reader", "_sampling")
 
     def __init__(
         self,
@@ -366,43 +353,28 @@ class _CompletionAttempts:
         timeouts: Timeouts,
         deadline: float,
     ) -> None:
+        super().__init__(lease, timeouts, deadline)
         self._fleet = fleet
         self._call = call
         self._configured = configured  # the model's profile, if the config names one
         self._sampling = sampling
         self._id = completion_id
-        self._lease = lease
         self._reader = reader
-        self._timeouts = timeouts
-        self._deadline = deadline
-        self.live_http: list[SseStream] = []  # the live attempt's HTTP stream, if it is one
 
     def __call__(self, backend: Backend, left: float) -> Replies[str]:
-        self.live_http.clear()
         call = self._call
         info = self._fleet.model_info(backend, call.model)
         body = profile_for(info, self._configured).request(
             info, self._sampling, self._id, call.stream
         )
-        trace = self._lease.trail.metadata
         # A whole answer is asked for as one response, over gRPC: Triton notices an
         # HTTP client's hang-up only when it next writes, which for one response is at
         # the end, while a cancelled gRPC call stops the model at its next token.
         if backend.http is None or not call.stream:
             wire = codec.encode_generate(info.name, info, body)
-            attempt = self._timeouts._replace(total=left)
-            return StreamReplies(backend, wire, attempt, trace, convert=self._reader.read)
+            return self.over_grpc(backend, wire, left, self._reader.read)
         path = f"/v2/models/{quote(info.name, safe='')}/versions/{info.version}/generate_stream"
-        events = generate_events(
-            backend,
-            path,
-            orjson.dumps(body),
-            trace,
-            self._timeouts.idle,
-            self._deadline,
-            self.live_http,
-        )
-        return _texts(events, self._reader)
+        return _texts(self.over_http(backend, path, orjson.dumps(body)), self._reader)
 
 
 async def _texts(
