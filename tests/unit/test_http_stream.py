@@ -311,28 +311,27 @@ async def test_the_idle_pool_is_bounded(triton: tuple[FakeTriton, StreamPool]) -
     assert pool.idle_count == 0
 
 
-async def test_the_deadline_cuts_a_stream_and_its_connection(
+@pytest.mark.parametrize(
+    ("timeout", "idle", "raised", "message"),
+    [
+        (0.2, 5.0, GatewayTimeout, "request deadline exceeded"),
+        (5.0, 0.1, UpstreamStalled, r"no response from backend b0 for 0\.1 s"),
+    ],
+    ids=["the deadline", "a gap after an event"],
+)
+async def test_a_time_limit_cuts_a_stream_and_its_connection(
     triton: tuple[FakeTriton, StreamPool],
+    timeout: float,
+    idle: float,
+    raised: type[Exception],
+    message: str,
 ) -> None:
     fake, pool = triton
     fake.hold = asyncio.Event()
-    stream = await open_stream(pool, timeout=0.2)
+    stream = await open_stream(pool, timeout=timeout, idle=idle)
     await stream.head()
     assert await stream.next_event() == EVENTS[0]
-    with pytest.raises(GatewayTimeout):
-        await stream.next_event()
-    stream.close()
-    assert pool.idle_count == 0
-    fake.hold.set()
-
-
-async def test_a_gap_after_an_event_is_a_stall(triton: tuple[FakeTriton, StreamPool]) -> None:
-    fake, pool = triton
-    fake.hold = asyncio.Event()
-    stream = await open_stream(pool, idle=0.1)
-    await stream.head()
-    assert await stream.next_event() == EVENTS[0]
-    with pytest.raises(UpstreamStalled, match=r"backend b0 for 0\.1 s"):
+    with pytest.raises(raised, match=message):
         await stream.next_event()
     stream.close()
     assert pool.idle_count == 0
