@@ -137,11 +137,14 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_exception(UpstreamConnectionError(reason))
         self.close()
 
-    def send(self, head: bytes, body: bytes | bytearray) -> asyncio.Future[HttpReply]:
-        assert self.transport is not None
+    def expect_reply(self) -> asyncio.Future[HttpReply]:
+        """The future of the reply to the request about to be written."""
         self._waiter = self.loop.create_future()
-        self.transport.writelines((head, body))
         return self._waiter
+
+    def write(self, head: bytes, body: bytes | bytearray) -> None:
+        assert self.transport is not None
+        self.transport.writelines((head, body))
 
     def time_out(self) -> None:
         """The exchange's deadline passed: TimeoutError for its caller, and the
@@ -184,7 +187,17 @@ class HttpEndpoint:
 
 class HttpPool:
     """Keep-alive connections to one Triton HTTP endpoint, at most ``max_connections``
-    (requests beyond wait; admission bounds how many can wait)."""
+    (requests beyond wait; admission bounds how many can wait).
+
+    The requests of one event-loop iteration are written together at its end, not each
+    as it starts. Triton's dynamic batcher batches what is queued when its model
+    instance frees up, and a request's start takes the gateway ~150 µs. Written as they
+    started, concurrent requests reached Triton one at a time and were batched less than
+    a direct client's. Measured on ``embed`` at concurrency 32, the mean batch went from
+    1.14 to 1.44 (direct: 1.40), Triton's CPU per request from 281 to 248 µs, and the
+    gateway's rate up 10–16%. A lone request waits one loop iteration more, which did
+    not show at concurrency 1 (bench/README.md).
+    """
 
     def __init__(self, target: str, max_connections: int = 64) -> None:
         self.endpoint = HttpEndpoint(target)
@@ -197,6 +210,7 @@ class HttpPool:
         self._deadlines: dict[_Connection, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._unwritten: list[tuple[_Connection, bytes, bytes | bytearray]] = []
 
     async def post(
         self, path: str, headers: Sequence[tuple[str, str]], body: bytes | bytearray, timeout: float
@@ -227,8 +241,12 @@ class HttpPool:
         self._deadlines[connection] = deadline
         if self._timer is None or deadline < self._timer_at:
             self._set_timer(loop, deadline)
+        reply_coming = connection.expect_reply()
+        if not self._unwritten:
+            loop.call_soon(self._write_all)
+        self._unwritten.append((connection, head, body))
         try:
-            reply = await connection.send(head, body)
+            reply = await reply_coming
         except BaseException:
             # Cancelled or timed out mid-exchange: the connection's state is unknown.
             connection.close()
@@ -240,6 +258,14 @@ class HttpPool:
         else:
             self._idle.append(connection)
         return reply
+
+    def _write_all(self) -> None:
+        """This iteration's requests, in the order they started; a connection closed
+        since (its exchange cancelled, timed out or lost) has nothing to send."""
+        unwritten, self._unwritten = self._unwritten, []
+        for connection, head, body in unwritten:
+            if not connection.closed:
+                connection.write(head, body)
 
     def _set_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:

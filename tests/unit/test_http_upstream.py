@@ -11,7 +11,12 @@ import pytest
 import uvloop
 
 from gateway.http1 import PREALLOCATE_BYTES
-from gateway.http_upstream import HttpPool, UpstreamConnectFailed, UpstreamConnectionError
+from gateway.http_upstream import (
+    HttpPool,
+    UpstreamConnectFailed,
+    UpstreamConnectionError,
+    _Connection,
+)
 from tests.conftest import free_port
 
 
@@ -97,6 +102,32 @@ async def test_idle_connection_closed_by_server_is_replaced(server: tuple[EchoSe
     await asyncio.sleep(0.05)
     assert (await pool.post("/p", [], b"two", 5)).body == b"two"
     assert echo.connections == 2
+    pool.close()
+
+
+async def test_requests_started_together_are_written_together(
+    server: tuple[EchoServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton batches what is queued when its model instance frees up: the requests
+    that start in one loop iteration are written at its end, in order, together."""
+    _echo, target = server
+    pool = HttpPool(target)
+    await asyncio.gather(*(pool.post("/v2/models/m/infer", [], b"warm", 5) for _ in range(2)))
+    events: list[tuple[str, bytes]] = []
+    write = _Connection.write
+
+    def recorded_write(self: _Connection, head: bytes, body: bytes | bytearray) -> None:
+        events.append(("write", bytes(body)))
+        write(self, head, body)
+
+    monkeypatch.setattr(_Connection, "write", recorded_write)
+
+    async def post(body: bytes) -> bytes | bytearray:
+        events.append(("start", body))
+        return (await pool.post("/v2/models/m/infer", [], body, 5)).body
+
+    assert await asyncio.gather(post(b"a"), post(b"b")) == [b"a", b"b"]
+    assert events == [("start", b"a"), ("start", b"b"), ("write", b"a"), ("write", b"b")]
     pool.close()
 
 
