@@ -193,10 +193,10 @@ class HttpPool:
     as it starts. Triton's dynamic batcher batches what is queued when its model
     instance frees up, and a request's start takes the gateway ~150 µs. Written as they
     started, concurrent requests reached Triton one at a time and were batched less than
-    a direct client's. Measured on ``embed`` at concurrency 32, the mean batch went from
-    1.14 to 1.44 (direct: 1.40), Triton's CPU per request from 281 to 248 µs, and the
-    gateway's rate up 10–16%. A lone request waits one loop iteration more, which did
-    not show at concurrency 1 (bench/README.md).
+    a direct client's. Measured on ``embed`` at concurrency 32 with ``--workers 1``, the
+    mean batch went from 1.13–1.18 to 1.52 (direct: 1.57), Triton's CPU per request from
+    284–293 to 242 µs, and the gateway's rate from 70% to 79% of direct. A lone request
+    waits one loop iteration more, which did not show at concurrency 1 (bench/README.md).
     """
 
     def __init__(self, target: str, max_connections: int = 64) -> None:
