@@ -10,10 +10,11 @@ Which requests: only unambiguous ones on the routes in ``HOT_ROUTES`` (answered 
 ``web.Response``, or streamed through ``FrontRequest.start_stream``, see gateway/sse.py):
 HTTP/1.1, a head within ``max_header_bytes``, a plain ``Content-Length`` body within
 ``max_body_bytes`` (no Transfer-Encoding, Expect, Upgrade or Content-Encoding), a path
-without percent-escapes or dot segments. Any other request hands its connection, with
-the bytes read so far, to aiohttp's own protocol for the rest of the connection's life,
-so everything else (admin, metadata, errors about malformed requests) behaves
-exactly as aiohttp serves it.
+without percent-escapes or dot segments. A head over ``max_header_bytes`` is refused
+here, whatever its route (414 or 431, see ``FrontConnection._refuse_head``). Any other
+request hands its connection, with the bytes read so far, to aiohttp's own protocol for
+the rest of the connection's life, so everything else (admin, metadata, errors about
+malformed requests) behaves exactly as aiohttp serves it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from multidict import CIMultiDict
 from fastpath.http1 import parse_request_head
 
 from .api.keys import CONFIG
+from .errors import StatusError
 from .http1 import receive_in_place
 from .pacing import StartPacer
 
@@ -53,6 +55,9 @@ HOT_ROUTES = (
 )
 # A client's idle keep-alive connection is closed after this long (aiohttp's default).
 KEEPALIVE_TIMEOUT_S = 75.0
+# After refusing an over-long head, what the client still sends is read and dropped for
+# at most this long before the connection closes (nginx's lingering_timeout).
+LINGER_S = 5.0
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 # Distinct (method, path) pairs whose route match is remembered (cleared when full).
 _MATCH_CACHE_SIZE = 4096
@@ -347,6 +352,7 @@ class FrontConnection(asyncio.Protocol):
         self._route: tuple[_Route, MatchInfo] | None = None
         self.task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # loop time; None while a request is under way
+        self._lingering = False  # answered and closing: what arrives is dropped
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -362,6 +368,8 @@ class FrontConnection(asyncio.Protocol):
             self.task.cancel()  # the client hung up: the handler (and its upstream call) stops
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self.idle_since = None
         self._buffer += data
         if self.task is None:
@@ -376,7 +384,7 @@ class FrontConnection(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n")
             if end < 0 or end > self._lane.max_head_bytes:
                 if end >= 0 or len(buffer) > self._lane.max_head_bytes:
-                    self._hand_over()
+                    self._refuse_head()
                 return
             head = parse_head(buffer[:end])
             route = None if head is None else self._lane.routes.match(head.method, head.target)
@@ -449,6 +457,32 @@ class FrontConnection(asyncio.Protocol):
         self.idle_since = self._loop.time()
         if self._buffer:
             self._next_request()
+
+    def _refuse_head(self) -> None:
+        """The head is over max_head_bytes: 414 if its request line is, else 431, as JSON
+        in the called surface's dialect, then a lingering close. Closing at once with
+        unread bytes would reset the connection, and the client could lose the answer."""
+        buffer, limit = self._buffer, self._lane.max_head_bytes
+        line_end = buffer.find(b"\r\n", 0, limit)
+        if line_end < 0:
+            error = StatusError(f"request line over the limit of {limit} bytes", 414)
+            openai = False  # no whole target to tell the surface by
+        else:
+            error = StatusError(f"request head over the limit of {limit} bytes", 431)
+            request_line = bytes(buffer[:line_end]).split(b" ")
+            openai = len(request_line) > 1 and request_line[1].startswith(b"/v1/")
+        body = error.openai_body() if openai else error.body()
+        response = web.Response(status=error.status, body=body, content_type="application/json")
+        transport = self._transport
+        assert transport is not None
+        transport.writelines(_serialize(response, close=True))
+        self._lingering = True
+        buffer.clear()
+        if transport.can_write_eof():
+            transport.write_eof()  # the answer, then FIN; the client's bytes still drain
+            self._loop.call_later(LINGER_S, self.close)
+        else:  # TLS has no half-close
+            self.close()
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from now on, starting with the buffered bytes."""

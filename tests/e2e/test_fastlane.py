@@ -320,3 +320,34 @@ def test_a_stream_is_the_same_on_both_fronts(gateway: Gateway) -> None:
         e["text_output"] for e in answers["aiohttp"]
     ]
     assert answers["fast lane"][-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("start", "status", "dialect"),
+    [
+        (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: ", 431, "triton"),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: ", 431, "openai"),
+        (b"GET /v2/models/", 414, "triton"),  # the request line itself never ends
+    ],
+)
+def test_an_over_long_head_is_answered_while_the_client_still_sends(
+    gateway: Gateway, start: bytes, status: int, dialect: str
+) -> None:
+    """The answer is JSON and reaches the client whole: the gateway reads and drops what
+    is still coming instead of closing on it (which would reset the connection)."""
+    sock, reader = _connect(gateway.host_port)
+    with sock:
+        sock.sendall(start + b"a" * 20_000)  # over max_header_bytes (16 KiB), head unfinished
+        got, headers, answer = reader.response()
+        for _ in range(16):  # 1 MiB more, as a client that does not read while sending
+            sock.sendall(b"a" * 65536)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1024) == b""  # an orderly end after the answer, not a reset
+    assert (got, headers["content-type"], headers["connection"]) == (
+        status,
+        "application/json",
+        "close",
+    )
+    error = json.loads(answer)["error"]
+    message = error["message"] if dialect == "openai" else error
+    assert "over the limit of 16384 bytes" in message
