@@ -55,6 +55,10 @@ HOT_ROUTES = (
 )
 # A client's idle keep-alive connection is closed after this long (aiohttp's default).
 KEEPALIVE_TIMEOUT_S = 75.0
+# What a connection buffers of the client's next requests while one is in flight; past
+# it, reading pauses until that one is answered (else a client that keeps sending grows
+# the buffer without bound). A hang-up is then seen at the next write, not at once.
+PIPELINED_BYTES = 256 * 1024
 # After refusing an over-long head, what the client still sends is read and dropped for
 # at most this long before the connection closes (nginx's lingering_timeout).
 LINGER_S = 5.0
@@ -353,6 +357,7 @@ class FrontConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # loop time; None while a request is under way
         self._lingering = False  # answered and closing: what arrives is dropped
+        self._paused = False  # reading paused: PIPELINED_BYTES wait behind a request
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -374,6 +379,10 @@ class FrontConnection(asyncio.Protocol):
         self._buffer += data
         if self.task is None:
             self._next_request()
+        elif len(self._buffer) > PIPELINED_BYTES and not self._paused:
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._paused = True
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -455,6 +464,9 @@ class FrontConnection(asyncio.Protocol):
             self.close()
             return
         self.idle_since = self._loop.time()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
         if self._buffer:
             self._next_request()
 

@@ -351,3 +351,26 @@ def test_an_over_long_head_is_answered_while_the_client_still_sends(
     error = json.loads(answer)["error"]
     message = error["message"] if dialect == "openai" else error
     assert "over the limit of 16384 bytes" in message
+
+
+def test_a_client_sending_while_its_stream_runs_is_held_back(gateway: Gateway) -> None:
+    """Bytes pipelined behind a request in flight are buffered up to a bound, then the
+    gateway stops reading (the client's sends block) until the answer is done; the
+    answer itself is whole."""
+    body = json.dumps({"text_input": "We hold", "max_tokens": 600, "stream": True}).encode()
+    sock, reader = _connect(gateway.host_port)  # tiny_lm: 5 ms a token, ~3 s in all
+    with sock:
+        sock.sendall(_request("POST", "/v2/models/tiny_lm/generate_stream", body))
+        sock.settimeout(0.5)
+        sent_mib = 0
+        with pytest.raises(TimeoutError):
+            while sent_mib < 256:  # without the bound, all of it goes into the gateway
+                sock.sendall(b"x" * (1 << 20))
+                sent_mib += 1
+        # Loopback socket buffers hold a few MiB; the gateway holds 256 KiB of the rest.
+        assert sent_mib < 32, f"{sent_mib} MiB taken while the stream ran"
+        sock.settimeout(30)
+        status, _, events = reader.chunked_response()
+    assert status == 200
+    finals = [json.loads(line[6:]) for line in events.split(b"\n") if line.startswith(b"data: ")]
+    assert len(finals) == 600 and finals[-1]["finish_reason"] == "length"
