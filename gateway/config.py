@@ -247,6 +247,9 @@ class GatewayConfig:
     # A stream whose upstream sends nothing for this long (after its first response)
     # is cut with an explicit error.
     stream_idle_timeout_s: float = 30.0
+    # A client connection with no request in flight is closed once the client has sent
+    # nothing for this long: an idle keep-alive, or a request that stopped arriving.
+    client_idle_timeout_s: float = 75.0
     # On SIGTERM: stop accepting, then let in-flight requests finish for this long.
     drain_timeout_s: float = 30.0
     # Failover retries in flight stay within this share of the requests in flight,

@@ -53,8 +53,6 @@ HOT_ROUTES = (
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
 )
-# A client's idle keep-alive connection is closed after this long (aiohttp's default).
-KEEPALIVE_TIMEOUT_S = 75.0
 # What a connection buffers of the client's next requests while one is in flight; past
 # it, reading pauses until that one is answered (else a client that keeps sending grows
 # the buffer without bound). A hang-up is then seen at the next write, not at once.
@@ -303,6 +301,7 @@ class FastLane:
         self.connections: set[FrontConnection] = set()
         # A burst of requests starts over several loop iterations (gateway/pacing.py).
         self.pacer = StartPacer(asyncio.get_running_loop())
+        self.idle_timeout_s = config.client_idle_timeout_s
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -313,14 +312,15 @@ class FastLane:
 
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(KEEPALIVE_TIMEOUT_S / 5, self._sweep)
+        self._sweeper = loop.call_later(self.idle_timeout_s / 5, self._sweep)
 
     def _sweep(self) -> None:
-        """Close the connections idle for longer than the keep-alive timeout (one timer
-        for all connections instead of one per response)."""
-        deadline = asyncio.get_running_loop().time() - KEEPALIVE_TIMEOUT_S
+        """Close the connections with no request in flight that the client has sent
+        nothing on for ``idle_timeout_s``: idle keep-alives, and requests that stopped
+        arriving part-way (one timer for all connections instead of one per read)."""
+        deadline = asyncio.get_running_loop().time() - self.idle_timeout_s
         for connection in list(self.connections):
-            if connection.idle_since is not None and connection.idle_since < deadline:
+            if connection.task is None and connection.heard_at < deadline:
                 connection.close()
         self._schedule_sweep()
 
@@ -328,7 +328,7 @@ class FastLane:
         """Shutdown began: idle connections close now, busy ones after their answer."""
         self.draining = True
         for connection in list(self.connections):
-            if connection.idle_since is not None:
+            if connection.between_requests():
                 connection.close()
 
     async def drain(self, timeout: float | None) -> None:
@@ -355,7 +355,9 @@ class FrontConnection(asyncio.Protocol):
         self._head: Head | None = None
         self._route: tuple[_Route, MatchInfo] | None = None
         self.task: asyncio.Task[None] | None = None
-        self.idle_since: float | None = None  # loop time; None while a request is under way
+        # Loop time of the client's last bytes or of the last answer: what the sweep of
+        # connections with no request in flight goes by.
+        self.heard_at = self._loop.time()
         self._lingering = False  # answered and closing: what arrives is dropped
         self._paused = False  # reading paused: PIPELINED_BYTES wait behind a request
 
@@ -365,7 +367,6 @@ class FrontConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         self._lane.connections.add(self)
-        self.idle_since = self._loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lane.connections.discard(self)
@@ -375,7 +376,7 @@ class FrontConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
-        self.idle_since = None
+        self.heard_at = self._loop.time()
         self._buffer += data
         if self.task is None:
             self._next_request()
@@ -403,7 +404,9 @@ class FrontConnection(asyncio.Protocol):
             self._head, self._route = head, route
             del buffer[: end + 4]
             assert self._transport is not None
-            if receive_in_place(self, self._transport, head.content_length, buffer, self._start):
+            if receive_in_place(
+                self, self._transport, head.content_length, buffer, self._start, self._heard
+            ):
                 return
         assert self._head is not None
         length = self._head.content_length
@@ -463,12 +466,20 @@ class FrontConnection(asyncio.Protocol):
         if close:
             self.close()
             return
-        self.idle_since = self._loop.time()
+        self.heard_at = self._loop.time()
         if self._paused:
             self._paused = False
             transport.resume_reading()
         if self._buffer:
             self._next_request()
+
+    def _heard(self) -> None:
+        """More of a body received in place (http1.BodyReceiver)."""
+        self.heard_at = self._loop.time()
+
+    def between_requests(self) -> bool:
+        """No request in flight, and nothing of a next one received."""
+        return self.task is None and self._head is None and not self._buffer
 
     def _refuse_head(self) -> None:
         """The head is over max_head_bytes: 414 if its request line is, else 431, as JSON

@@ -19,7 +19,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
     Only as many bytes as the body lacks are asked for, so a read never takes the next
     message's bytes; the connection's protocol gets those, as it would any other."""
 
-    __slots__ = ("_buffer", "_complete", "_filled", "_owner", "_transport")
+    __slots__ = ("_buffer", "_complete", "_filled", "_owner", "_progress", "_transport")
 
     def __init__(
         self,
@@ -28,11 +28,14 @@ class BodyReceiver(asyncio.BufferedProtocol):
         length: int,
         received: bytes | bytearray,
         complete: Callable[[bytearray], None],
+        progress: Callable[[], None] | None,
     ) -> None:
-        """``received``: the body's first bytes, already read (fewer than ``length``)."""
+        """``received``: the body's first bytes, already read (fewer than ``length``);
+        ``progress``: called after each read but the last."""
         self._owner = owner
         self._transport = transport
         self._complete = complete
+        self._progress = progress
         self._buffer = bytearray(length)
         self._buffer[: len(received)] = received
         self._filled = len(received)
@@ -46,6 +49,8 @@ class BodyReceiver(asyncio.BufferedProtocol):
         if self._filled == len(self._buffer):
             self._transport.set_protocol(self._owner)
             self._complete(self._buffer)
+        elif self._progress is not None:
+            self._progress()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.connection_lost(exc)
@@ -63,6 +68,7 @@ def receive_in_place(
     length: int,
     buffer: bytearray,
     complete: Callable[[bytearray], None],
+    progress: Callable[[], None] | None = None,
 ) -> bool:
     """For a body of ``length`` bytes, of which ``buffer`` holds the first: when it is
     large and not all here, a BodyReceiver takes the transport over from ``owner`` with
@@ -70,7 +76,7 @@ def receive_in_place(
     (True); else nothing happens (False) and ``owner`` goes on reading it itself."""
     if length <= PREALLOCATE_BYTES or len(buffer) >= length:
         return False
-    BodyReceiver(owner, transport, length, buffer, complete)
+    BodyReceiver(owner, transport, length, buffer, complete, progress)
     buffer.clear()
     return True
 

@@ -95,6 +95,9 @@ async def _serve(
         # A client that hangs up cancels its handler, and with it the upstream call.
         handler_cancellation=True,
         shutdown_timeout=config.drain_timeout_s,
+        # aiohttp's idle keep-alive like the fast lane's (it has no timeout on a request
+        # that stops arriving part-way: the fast lane's sweep covers those it holds).
+        keepalive_timeout=config.client_idle_timeout_s,
         access_log=None,
         # aiohttp's parser bounds each header line; limit_headers bounds them together.
         max_line_size=config.max_header_bytes,

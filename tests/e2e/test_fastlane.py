@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gateway.local_triton import TritonFleet
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -374,3 +376,73 @@ def test_a_client_sending_while_its_stream_runs_is_held_back(gateway: Gateway) -
     assert status == 200
     finals = [json.loads(line[6:]) for line in events.split(b"\n") if line.startswith(b"data: ")]
     assert len(finals) == 600 and finals[-1]["finish_reason"] == "length"
+
+
+IDLE_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(triton_fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
+    config = run_dir / "impatient.toml"
+    config.write_text(f"[gateway]\nclient_idle_timeout_s = {IDLE_TIMEOUT_S}\n")
+    gateway = start_gateway(
+        [s.backend_url for s in triton_fleet.servers],
+        run_dir / "impatient-gateway.log",
+        "--config",
+        str(config),
+    )
+    yield gateway
+    stop_gateway(gateway)
+
+
+def _closed_after(sock: socket.socket) -> float:
+    """Seconds until the gateway closes ``sock`` (at most 10)."""
+    start = time.monotonic()
+    sock.settimeout(10)
+    assert sock.recv(1024) == b""
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # an idle keep-alive
+        b"POST /v2/models/embed/infer HTTP/1.1\r\nHost: x\r\n",  # a head that stops
+        # A body received in place (over 64 KiB) that stops a quarter of the way.
+        _request("POST", "/v2/models/embed/infer", b"x" * (1 << 20))[: 1 << 18],
+    ],
+    ids=["idle", "head", "body"],
+)
+def test_a_connection_the_client_stops_sending_on_is_closed(
+    impatient_gateway: Gateway, sent: bytes
+) -> None:
+    sock, _ = _connect(impatient_gateway.host_port)
+    with sock:
+        sock.sendall(sent)
+        # The sweep runs every fifth of the timeout.
+        assert _closed_after(sock) < IDLE_TIMEOUT_S * 1.2 + 1
+
+
+def test_slow_clients_and_long_answers_are_not_cut(
+    impatient_gateway: Gateway, triton_fleet: TritonFleet
+) -> None:
+    """A head, or a body received in place, that keeps arriving, however slowly, is
+    served, and so is an answer that takes longer than the timeout; the connection then
+    idles out."""
+    upload = _bytes_infer_request(256, 4096, seed=9)  # 1 MiB
+    expected = _direct(triton_fleet, upload)
+    sock, reader = _connect(impatient_gateway.host_port)
+    with sock:
+        for raw in (_request("GET", "/v2/health/ready"), upload):
+            third = len(raw) // 3
+            for piece in (raw[:third], raw[third : 2 * third], raw[2 * third :]):
+                sock.sendall(piece)
+                time.sleep(IDLE_TIMEOUT_S * 0.7)
+            assert reader.response()[::2] == (200, expected if raw is upload else b"")
+        body = json.dumps({"text_input": "We hold", "max_tokens": 400, "stream": True})
+        started = time.monotonic()
+        sock.sendall(_request("POST", "/v2/models/tiny_lm/generate_stream", body.encode()))
+        status, _, events = reader.chunked_response()  # 5 ms a token: ~2 s
+        assert time.monotonic() - started > IDLE_TIMEOUT_S * 1.5
+        assert status == 200 and events.count(b"data: ") == 400
+        assert _closed_after(sock) < IDLE_TIMEOUT_S * 1.2 + 1
