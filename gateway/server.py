@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import ssl
 from collections.abc import Callable
 from contextlib import suppress
@@ -23,6 +24,9 @@ from .config import GatewayConfig
 from .fastlane import FastLane
 
 log = logging.getLogger("meshgate")
+# The soft limit on open files is raised to at most this when the hard limit is
+# unlimited (Linux's default fs.nr_open; above it setrlimit fails).
+_MAX_OPEN_FILES = 1 << 20
 
 
 class _FrontServer:
@@ -65,6 +69,7 @@ def serve(
 ) -> None:
     """Serve ``app`` on ``config.host:config.port`` until SIGINT/SIGTERM, then drain
     (in-flight requests get ``drain_timeout_s``), on a uvloop event loop."""
+    raise_open_files_limit()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_serve(app, config, ssl_context, reuse_port, on_listening))
@@ -79,6 +84,24 @@ def serve(
                 loop.run_until_complete(main)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, as nginx's
+    ``worker_rlimit_nofile`` and Go's runtime do: every stream holds two (the client's
+    connection and Triton's), and a soft limit of 1,024, common outside containers,
+    refused clients from ~500 streams on. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files: the soft limit stays %d (%s)", soft, exc)
+        return soft
+    log.info("open files: soft limit raised from %d to %d", soft, target)
+    return target
 
 
 async def _serve(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,10 +103,14 @@ def backend_over(server: TritonServer, upstream: str) -> str:
 
 
 def start_gateway(
-    backends: list[str], log_path: Path, *extra: str, env: dict[str, str] | None = None
+    backends: list[str],
+    log_path: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    open_files: int | None = None,
 ) -> Gateway:
-    """Start `meshgate serve` (``env``: added to the environment) and wait until it
-    answers /v2/health/live."""
+    """Start `meshgate serve` (``env``: added to the environment; ``open_files``: its
+    soft limit on open files at start) and wait until it answers /v2/health/live."""
     port = free_port()
     args = [
         sys.executable,
@@ -125,7 +130,12 @@ def start_gateway(
         args += ["--backend", backend]
     log = log_path.open("wb")
     process = subprocess.Popen(
-        args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        args,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
     )
     gateway = Gateway(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + 30
@@ -135,6 +145,11 @@ def start_gateway(
             raise RuntimeError(f"gateway did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
     return gateway
+
+
+def _limit_open_files(soft: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def wait_for_workers(gateway: Gateway, workers: int, model: str, token: str) -> None:

@@ -53,6 +53,8 @@ def gateway(fleet: TritonFleet, run_dir: Path) -> Iterator[Gateway]:
         str(config),
         "--admin-token",
         TOKEN,
+        # Fewer than the streams' client connections: serve() raises it to the hard limit.
+        open_files=STREAMS - 44,
     )
     try:
         deadline = time.monotonic() + 60

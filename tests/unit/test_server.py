@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
+import subprocess
+import sys
 
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
@@ -34,3 +37,23 @@ def test_what_startup_made_is_frozen_before_the_gateway_listens() -> None:
         asyncio.set_event_loop(None)
     assert len(frozen_when_listening) == 1
     assert frozen_when_listening[0] > 10_000
+
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
+    """In a child process started with a soft limit of 64 (this one's is left alone)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = (
+        "import resource\n"
+        "from gateway.server import raise_open_files_limit\n"
+        "print(raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    returned, soft, child_hard = map(int, child.stdout.split())
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    assert (returned, soft, child_hard) == (expected, expected, hard)
