@@ -4,8 +4,10 @@ These machines have no Docker engine, so the files are checked by reading them: 
 stages, mounted files, ports, healthchecks, depends_on, every profile's coherence, the
 gateway and sidecar commands (parsed by meshgate's own CLI), Prometheus targets, the
 Grafana dashboard's metric names (against the gateway's registry and the Triton names
-the runtime adapter reads), and the Kubernetes manifests. With the `docker compose`
-plugin present, `docker compose config` must accept each profile too.
+the runtime adapter reads), and the Kubernetes manifests. The compose file is checked
+against the Compose Specification's JSON schema, which `docker compose config` checks
+it against first; with the `docker compose` plugin present, `docker compose config`
+must accept each profile too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
@@ -283,6 +286,25 @@ def test_traces_reach_the_collector_and_jaeger() -> None:
     for endpoint in endpoints:
         url = urlsplit(endpoint)
         assert (url.hostname, url.port) == ("otel-collector", int(http.rsplit(":", 1)[1]))
+
+
+# schema/compose-spec.json of github.com/compose-spec/compose-spec at 170098ba
+# (2026-06-23, Apache-2.0): the schema docker compose v2 validates files with.
+COMPOSE_SCHEMA = json.loads((REPO / "tests/unit/data/compose-spec.json").read_text())
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    errors = [
+        f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in jsonschema.Draft7Validator(COMPOSE_SCHEMA).iter_errors(COMPOSE)
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_compose_schema_check_catches_a_misspelt_key() -> None:
+    broken = json.loads(json.dumps(COMPOSE))
+    broken["services"]["gateway"]["healtcheck"] = broken["services"]["gateway"]["healthcheck"]
+    assert not jsonschema.Draft7Validator(COMPOSE_SCHEMA).is_valid(broken)
 
 
 def compose_plugin() -> bool:
