@@ -63,9 +63,11 @@ limit_headers.covered_by_fast_lane = True  # type: ignore[attr-defined]
 
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     """The JSON error in the dialect of the surface that was called."""
-    body = exc.openai_body() if request.path.startswith("/v1/") else exc.body()
     return web.Response(
-        status=exc.status, body=body, content_type="application/json", headers=exc.headers()
+        status=exc.status,
+        body=exc.body_for(request.path),
+        content_type="application/json",
+        headers=exc.headers(),
     )
 
 

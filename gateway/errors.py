@@ -38,6 +38,10 @@ class GatewayError(Exception):
         }
         return orjson.dumps({"error": error})
 
+    def body_for(self, path: str) -> bytes:
+        """The body in the dialect of the surface ``path`` belongs to."""
+        return self.openai_body() if path.startswith("/v1/") else self.body()
+
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}

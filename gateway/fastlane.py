@@ -489,13 +489,14 @@ class FrontConnection(asyncio.Protocol):
         line_end = buffer.find(b"\r\n", 0, limit)
         if line_end < 0:
             error = StatusError(f"request line over the limit of {limit} bytes", 414)
-            openai = False  # no whole target to tell the surface by
+            target = ""  # no whole target to tell the surface by
         else:
             error = StatusError(f"request head over the limit of {limit} bytes", 431)
-            request_line = bytes(buffer[:line_end]).split(b" ")
-            openai = len(request_line) > 1 and request_line[1].startswith(b"/v1/")
-        body = error.openai_body() if openai else error.body()
-        response = web.Response(status=error.status, body=body, content_type="application/json")
+            request_line = bytes(buffer[:line_end]).decode("latin-1").split(" ")
+            target = request_line[1] if len(request_line) > 1 else ""
+        response = web.Response(
+            status=error.status, body=error.body_for(target), content_type="application/json"
+        )
         transport = self._transport
         assert transport is not None
         transport.writelines(_serialize(response, close=True))
