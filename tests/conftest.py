@@ -1,8 +1,10 @@
 """Shared test helpers: a free port on 127.0.0.1 (a free port base for Triton servers
-is gateway.local_triton.find_free_port_base), and a fastpath module's twins."""
+is gateway.local_triton.find_free_port_base), a fastpath module's twins, and a soft
+limit on open files for a child process."""
 
 from __future__ import annotations
 
+import resource
 import socket
 from types import ModuleType
 from typing import Any
@@ -15,6 +17,12 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def limit_open_files(soft: int) -> None:
+    """Set this process's soft limit on open files (for a child's ``preexec_fn``)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def twin_params(py: ModuleType, c: ModuleType | None) -> list[Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import aiohttp
 import pytest
 
 from gateway.local_triton import TritonFleet, TritonServer, find_free_port_base
-from tests.conftest import free_port
+from tests.conftest import free_port, limit_open_files
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO / "model_repository"
@@ -135,7 +134,7 @@ def start_gateway(
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
-        preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
+        preexec_fn=None if open_files is None else lambda: limit_open_files(open_files),
     )
     gateway = Gateway(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + 30
@@ -145,11 +144,6 @@ def start_gateway(
             raise RuntimeError(f"gateway did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
     return gateway
-
-
-def _limit_open_files(soft: int) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def wait_for_workers(gateway: Gateway, workers: int, model: str, token: str) -> None:

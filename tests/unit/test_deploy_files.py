@@ -12,6 +12,7 @@ must accept each profile too.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -302,7 +303,7 @@ def test_the_compose_file_follows_the_compose_specification() -> None:
 
 
 def test_the_compose_schema_check_catches_a_misspelt_key() -> None:
-    broken = json.loads(json.dumps(COMPOSE))
+    broken = copy.deepcopy(COMPOSE)
     broken["services"]["gateway"]["healtcheck"] = broken["services"]["gateway"]["healthcheck"]
     assert not jsonschema.Draft7Validator(COMPOSE_SCHEMA).is_valid(broken)
 

@@ -13,6 +13,7 @@ from aiohttp.web_runner import GracefulExit
 
 from gateway import server
 from gateway.config import GatewayConfig
+from tests.conftest import limit_open_files
 
 
 def test_what_startup_made_is_frozen_before_the_gateway_listens() -> None:
@@ -49,11 +50,11 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
     )
     child = subprocess.run(
         [sys.executable, "-c", code],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)),
+        preexec_fn=lambda: limit_open_files(64),
         capture_output=True,
         text=True,
         check=True,
     )
     returned, soft, child_hard = map(int, child.stdout.split())
-    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    expected = hard if hard != resource.RLIM_INFINITY else server._MAX_OPEN_FILES
     assert (returned, soft, child_hard) == (expected, expected, hard)
