@@ -37,6 +37,12 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 _NO_TIMEOUT = contextlib.nullcontext()
 TIMEOUT_HEADER = "x-meshgate-timeout-ms"
+# Appended to each ModelStreamInfer request (serialized messages concatenate as a merge,
+# so this adds one entry to its parameters map): a final flag the model sends on its own
+# comes as an empty response instead of only as the stream's end.
+_ASK_EMPTY_FINAL = grpc_wire.encode_infer_request(
+    "", "", "", {"triton_enable_empty_final_response": True}, [], [], []
+)
 
 
 class Timeouts(NamedTuple):
@@ -194,6 +200,10 @@ class StreamReplies:
     queue at Triton); after it, a gap longer than ``timeouts.idle`` ends the stream
     with UpstreamStalled.
 
+    The replies end at the response Triton marks ``triton_final_response`` (it does for
+    decoupled models), not at the call's trailers, which arrive ~100 µs later; the call
+    is left to finish on its own then (a reset would cancel a request that is done).
+
     An iterator object, not an async generator: a suspended generator's frame holds its
     last reply, and the buffers that reply views, until the next one; a stream's objects
     are walked by every full garbage collection (http_generate.EventRelay)."""
@@ -202,6 +212,7 @@ class StreamReplies:
         "_backend",
         "_call",
         "_convert",
+        "_final",
         "_messages",
         "_metadata",
         "_started",
@@ -218,13 +229,14 @@ class StreamReplies:
         convert: Callable[[Any], Any] | None = None,
     ) -> None:
         self._backend = backend
-        self._wire = wire
+        self._wire = wire + _ASK_EMPTY_FINAL
         self._timeouts = timeouts
         self._metadata = metadata
         self._convert = convert
         self._call: StreamCall | None = None  # opened by the first read
         self._messages: AsyncIterator[bytes] | None = None
         self._started = False  # a response has arrived: the idle timeout applies
+        self._final = False  # the response marked final has arrived
 
     def __aiter__(self) -> StreamReplies:
         return self
@@ -237,6 +249,8 @@ class StreamReplies:
             )
             self._messages = aiter(self._call)
             self._wire = b""  # the call has sent it
+        if self._final:
+            raise StopAsyncIteration
         assert self._messages is not None
         try:
             while True:
@@ -256,15 +270,21 @@ class StreamReplies:
                     if error.startswith(TRITON_UNKNOWN_MODEL):
                         raise ModelGone(error)
                     raise UpstreamError(error, 400)
-                if reply is not None and reply.outputs:
+                if reply is None:
+                    continue
+                self._final = reply.parameters.get("triton_final_response") is True
+                if reply.outputs:
                     self._started = True
                     return reply if self._convert is None else self._convert(reply)
-        except BaseException:  # the end (cancelling is a no-op then), a failure, a hang-up
-            self._call.cancel()
+                if self._final:
+                    raise StopAsyncIteration
+        except BaseException:  # the end, a failure, a hang-up
+            if not self._final:  # at the call's own end, cancelling is a no-op
+                self._call.cancel()
             raise
 
     async def aclose(self) -> None:
-        if self._call is not None:
+        if self._call is not None and not self._final:
             self._call.cancel()
 
 

@@ -15,10 +15,13 @@ from gateway.fleet import Backend
 from gateway.forward import StreamReplies, Timeouts
 
 
-def response(text: bytes = b"", error: str = "") -> bytes:
+def response(text: bytes = b"", error: str = "", final: bool | None = None) -> bytes:
     """A ModelStreamInferResponse as Triton sends it: a one-element BYTES output, or an
-    error message (or neither: a response without outputs, e.g. a final flag)."""
+    error message (or neither: a response without outputs, e.g. a final flag), marked
+    ``triton_final_response`` when ``final`` is given (Triton does for decoupled models)."""
     message = pb.ModelStreamInferResponse(error_message=error)
+    if final is not None:
+        message.infer_response.parameters["triton_final_response"].bool_param = final
     if text:
         output = message.infer_response.outputs.add(name="text_output", datatype="BYTES")
         output.shape.append(1)
@@ -65,9 +68,12 @@ class ScriptedBackend:
         self.channel = ScriptedChannel(call)
 
 
+REQUEST = pb.ModelInferRequest(model_name="tiny_lm", id="7").SerializeToString()
+
+
 def replies_of(call: ScriptedCall, idle: float = 5.0, convert: Any = None) -> StreamReplies:
     backend = cast(Backend, ScriptedBackend(call))
-    return StreamReplies(backend, b"request", Timeouts(30.0, idle), (), convert)
+    return StreamReplies(backend, REQUEST, Timeouts(30.0, idle), (), convert)
 
 
 async def test_responses_in_order_without_the_empty_ones() -> None:
@@ -88,7 +94,35 @@ async def test_the_call_opens_on_the_first_read_only() -> None:
     backend = cast(Any, replies._backend)
     assert backend.channel.sent == []
     await anext(replies)
-    assert backend.channel.sent == [b"request"]
+    assert len(backend.channel.sent) == 1
+
+
+async def test_the_request_asks_for_a_final_flag_sent_alone() -> None:
+    call = ScriptedCall([response(b"a")])
+    replies = replies_of(call)
+    await anext(replies)
+    sent = pb.ModelInferRequest.FromString(cast(Any, replies._backend).channel.sent[0])
+    assert (sent.model_name, sent.id) == ("tiny_lm", "7")
+    assert sent.parameters["triton_enable_empty_final_response"].bool_param is True
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [response(b"a", final=False), response(b"b", final=True)],
+        [response(b"a", final=False), response(b"b", final=False), response(final=True)],
+    ],
+    ids=["final-with-text", "final-alone"],
+)
+async def test_the_response_marked_final_ends_the_replies(messages: list[bytes]) -> None:
+    """Without waiting for the call's trailers (the scripted call never ends), and
+    without resetting the call, which would cancel a finished request."""
+    call = ScriptedCall(messages, hang=True)
+    replies = replies_of(call, idle=5.0)
+    got = [reply.outputs[0][0] async for reply in replies]
+    assert got == ["text_output", "text_output"]
+    await replies.aclose()
+    assert not call.cancelled
 
 
 @pytest.mark.parametrize(
