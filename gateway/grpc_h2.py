@@ -249,6 +249,49 @@ def _hpack_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
+class HeaderDecoder:
+    """An HPACK decoder that remembers blocks of indexed fields only.
+
+    In steady state each of Triton's replies is two such blocks (bytes 88 c0 bf, then be:
+    status and content type, then grpc-status and grpc-message, all from the tables),
+    which the ``hpack`` library decodes in ~4 µs each. A block of indexed fields
+    changes no table, so it means the same until a block that may change the dynamic
+    table (a literal, a size update) is decoded; that one clears what was remembered."""
+
+    def __init__(self, remembered: int = 64) -> None:
+        self._decoder = hpack.Decoder()
+        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._remembered = remembered
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        remembered = self._decoded.get(block)
+        if remembered is not None:
+            return remembered
+        # A list of (name, value) pairs, as bytes when raw.
+        headers = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
+        if not _only_indexed(block):
+            self._decoded.clear()
+        elif len(self._decoded) < self._remembered:
+            self._decoded[block] = headers
+        return headers
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Whether every field of ``block`` is an indexed one (RFC 7541, 6.1: a first bit
+    of 1, then the index as a 7-bit prefix integer)."""
+    position, end = 0, len(block)
+    while position < end:
+        first = block[position]
+        if not first & 0x80:
+            return False
+        position += 1
+        if first & 0x7F == 0x7F:  # more index bytes: top bit set on all but the last
+            while position < end and block[position] & 0x80:
+                position += 1
+            position += 1
+    return True
+
+
 def hpack_literals(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     """A header block of literal fields without indexing, new names, no Huffman
     (RFC 7541, 6.2.2): any decoder reads it and it leaves no state on either side."""
@@ -272,7 +315,7 @@ class _Connection(asyncio.Protocol):
         self._calls: dict[int, H2Call] = {}
         self._transport: asyncio.Transport | None = None
         self._next_stream_id = 1
-        self._decoder = hpack.Decoder()
+        self._decoder = HeaderDecoder()
         self._buffer = b""
         self._block = bytearray()  # a header block awaiting its CONTINUATION frames
         self._block_stream = 0
@@ -480,7 +523,7 @@ class _Connection(asyncio.Protocol):
             self._block_stream, self._block_ends_stream = stream_id, bool(ends)
             return
         # Every block is decoded, a reset stream's too: the decoder's table is shared.
-        headers = self._decoder.decode(bytes(self._block), raw=True)
+        headers = self._decoder.decode(bytes(self._block))
         self._block.clear()
         self._block_stream = 0
         call = self._calls.get(stream_id)

@@ -19,7 +19,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import grpc_h2
-from gateway.grpc_h2 import H2Channel, _Connection, grpc_timeout, hpack_literals
+from gateway.grpc_h2 import (
+    H2Channel,
+    HeaderDecoder,
+    _Connection,
+    _only_indexed,
+    grpc_timeout,
+    hpack_literals,
+)
 from tests.conftest import free_port
 
 SERVICE = "inference.GRPCInferenceService"
@@ -262,6 +269,63 @@ def test_hpack_literals_decode_to_the_headers(headers: list[tuple[bytes, bytes]]
     decoded = decoder.decode(hpack_literals(headers), raw=True)
     assert [(bytes(n), bytes(v)) for n, v in decoded] == headers
     assert len(decoder.header_table.dynamic_entries) == 0  # nothing indexed
+
+
+# Header lists a server might send, a few values each, so that blocks repeat, fields
+# come from the dynamic table and the table's entries move and are evicted.
+_replies = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b":status", b"content-type", b"grpc-status", b"x-a", b"x-b"]),
+            st.sampled_from([b"200", b"0", b"application/grpc", b"1", b"2" * 40]),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    max_size=40,
+)
+
+
+@given(_replies, st.sampled_from([64, 256, 4096]))
+def test_the_remembering_decoder_decodes_as_hpack_does(
+    replies: list[list[tuple[bytes, bytes]]], table_size: int
+) -> None:
+    """Whatever the sequence of blocks, including ones that only index a dynamic table
+    that changed since they were first seen (a small table evicts often)."""
+    encoder = hpack.Encoder()
+    encoder.header_table_size = table_size
+    plain, remembering = hpack.Decoder(), HeaderDecoder()
+    for headers in replies:
+        block = encoder.encode(headers)
+        assert remembering.decode(block) == list(plain.decode(block, raw=True)) == headers
+
+
+def test_a_block_of_indexed_fields_is_decoded_once() -> None:
+    encoder, decoder = hpack.Encoder(), HeaderDecoder()
+    headers = [(b":status", b"200"), (b"x-a", b"1")]
+    literal = encoder.encode(headers)
+    assert not _only_indexed(literal)
+    assert decoder.decode(literal) == headers  # x-a: 1 enters the dynamic table
+    block = encoder.encode(headers)
+    assert block == b"\x88\xbe" and _only_indexed(block)
+    first = decoder.decode(block)
+    assert first == headers
+    assert decoder.decode(block) is first
+
+
+@pytest.mark.parametrize(
+    ("block", "indexed"),
+    [
+        (b"", True),
+        (b"\x88\xc0\xbf", True),
+        (b"\xff\x80\x01\x82", True),  # index 127 + 128 as a multi-byte integer, then 2
+        (b"\x88\x40\x01a\x01b", False),  # a literal with indexing
+        (b"\x20\x88", False),  # a table size update
+        (b"\x88\x0f\x10\x01b", False),  # a literal without indexing
+    ],
+)
+def test_only_indexed(block: bytes, indexed: bool) -> None:
+    assert _only_indexed(block) is indexed
 
 
 class Transport:
