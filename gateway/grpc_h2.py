@@ -252,9 +252,9 @@ def _hpack_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
 class HeaderDecoder:
     """An HPACK decoder that remembers blocks of indexed fields only.
 
-    In steady state each of Triton's replies is two such blocks (bytes 88 c0 bf, then be:
-    status and content type, then grpc-status and grpc-message, all from the tables),
-    which the ``hpack`` library decodes in ~4 µs each. A block of indexed fields
+    In steady state each of Triton's replies is two such blocks, the response's headers
+    and then its trailers (bytes 88 c0 bf, then be: every field from the tables), which
+    the ``hpack`` library decodes in ~2.5 µs each. A block of indexed fields
     changes no table, so it means the same until a block that may change the dynamic
     table (a literal, a size update) is decoded; that one clears what was remembered."""
 
