@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from adapters.deltas import Delta
+from adapters.deltas import Delta, Ticks
 from fastpath.state import INFLIGHT, READY
 
 from .config import BackendSpec, GatewayConfig
@@ -410,8 +410,10 @@ class Fleet:
 
     async def _follow_forever(self) -> None:
         assert self._signal_process is not None
+        loop = asyncio.get_running_loop()
+        ticks = Ticks(_FOLLOW_POLL_S)  # on the loop lag watcher's wake-ups
         while True:
-            await asyncio.sleep(_FOLLOW_POLL_S)
+            await asyncio.sleep(ticks.delay(loop.time()))
             try:
                 layout = await self._signal_process.newer_layout()
                 if layout is not None:

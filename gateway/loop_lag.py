@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from adapters.deltas import Ticks
+
 INTERVAL_S = 0.05
 
 
@@ -29,11 +31,14 @@ async def watch_loop_lag(
 ) -> None:
     """Sleep ``interval`` seconds again and again until ``stop`` is set, passing
     ``record`` how many seconds late each wake-up came (never negative)."""
+    loop = asyncio.get_running_loop()
+    ticks = Ticks(interval)  # wake-ups shared with the process's other periodic timers
     while not stop.is_set():
+        delay = ticks.delay(loop.time())
         started = time.perf_counter()
-        await asyncio.sleep(interval)
+        await asyncio.sleep(delay)
         # A timer may fire a fraction of a millisecond early (uvloop's cached clock).
-        record(max(0.0, time.perf_counter() - started - interval))
+        record(max(0.0, time.perf_counter() - started - delay))
 
 
 async def watch_gc_pauses(record: Callable[[int, float], None], stop: asyncio.Event) -> None:

@@ -16,6 +16,7 @@ from adapters.deltas import (
     DeltaTracker,
     GpuStateDelta,
     ModelStateDelta,
+    Ticks,
     batch_to_json,
     delta_from_json,
     deltas_from_json,
@@ -231,21 +232,6 @@ def test_applying_out_of_order_and_twice_gives_the_in_order_state() -> None:
 # -- the run loop ----------------------------------------------------------------------
 
 
-async def test_every_ticks_at_the_interval_until_stopped() -> None:
-    stop = asyncio.Event()
-    ticks: list[float] = []
-
-    async def tick() -> None:
-        ticks.append(time.monotonic())
-        if len(ticks) == 4:
-            stop.set()
-
-    await asyncio.wait_for(every(0.05, stop, tick), timeout=5)
-    assert len(ticks) == 4
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    assert all(gap >= 0.04 for gap in gaps), gaps
-
-
 async def test_every_returns_promptly_when_stopped_during_a_pause() -> None:
     stop = asyncio.Event()
 
@@ -255,3 +241,34 @@ async def test_every_returns_promptly_when_stopped_during_a_pause() -> None:
     started = time.monotonic()
     await asyncio.wait_for(every(60.0, stop, tick), timeout=5)
     assert time.monotonic() - started < 2
+
+
+# -- Ticks and every --------------------------------------------------------------------
+
+
+def test_ticks_are_multiples_of_the_period() -> None:
+    ticks = Ticks(0.25)
+    assert ticks.delay(10.1) == pytest.approx(0.15)  # to 10.25
+    assert ticks.delay(10.249) == pytest.approx(0.251)  # fired early: 10.5, not 10.25 again
+    assert ticks.delay(10.502) == pytest.approx(0.248)  # fired late: 10.75
+    assert ticks.delay(11.6) == pytest.approx(0.15)  # held past 11.0 and 11.25: 11.75
+
+
+async def test_every_ticks_on_the_grid_until_stopped() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    times: list[float] = []
+
+    async def tick() -> None:
+        times.append(loop.time())
+        if len(times) == 4:
+            stop.set()
+
+    await asyncio.wait_for(every(0.2, stop, tick), timeout=5)
+    assert len(times) == 4
+    # After the first (at once), each on a multiple of 200 ms, one interval apart (10 ms
+    # of slack for a busy machine; a timer started off the grid lands there 1 time in 10).
+    for at in times[1:]:
+        assert min(at % 0.2, 0.2 - at % 0.2) < 0.01, times
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+    assert all(gap >= 0.16 for gap in gaps), gaps
