@@ -63,12 +63,7 @@ limit_headers.covered_by_fast_lane = True  # type: ignore[attr-defined]
 
 def error_response(request: web.Request, exc: GatewayError) -> web.Response:
     """The JSON error in the dialect of the surface that was called."""
-    return web.Response(
-        status=exc.status,
-        body=exc.body_for(request.path),
-        content_type="application/json",
-        headers=exc.headers(),
-    )
+    return exc.response_for(request.path)
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:

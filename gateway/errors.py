@@ -9,6 +9,7 @@ No traceback ever reaches a client.
 from __future__ import annotations
 
 import orjson
+from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -38,9 +39,12 @@ class GatewayError(Exception):
         }
         return orjson.dumps({"error": error})
 
-    def body_for(self, path: str) -> bytes:
-        """The body in the dialect of the surface ``path`` belongs to."""
-        return self.openai_body() if path.startswith("/v1/") else self.body()
+    def response_for(self, path: str) -> web.Response:
+        """The JSON answer in the dialect of the surface ``path`` belongs to."""
+        body = self.openai_body() if path.startswith("/v1/") else self.body()
+        return web.Response(
+            status=self.status, body=body, content_type="application/json", headers=self.headers()
+        )
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:

@@ -494,12 +494,9 @@ class FrontConnection(asyncio.Protocol):
             error = StatusError(f"request head over the limit of {limit} bytes", 431)
             request_line = bytes(buffer[:line_end]).decode("latin-1").split(" ")
             target = request_line[1] if len(request_line) > 1 else ""
-        response = web.Response(
-            status=error.status, body=error.body_for(target), content_type="application/json"
-        )
         transport = self._transport
         assert transport is not None
-        transport.writelines(_serialize(response, close=True))
+        transport.writelines(_serialize(error.response_for(target), close=True))
         self._lingering = True
         buffer.clear()
         if transport.can_write_eof():
